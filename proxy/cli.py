@@ -1,0 +1,126 @@
+"""The ``sluice`` command line: serve, demo, mock-upstream, check-config, hash-key."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from .auth import hash_key
+from .config import CONFIG_PATH_ENV, ConfigError, Settings, load_settings
+from .logs import configure_logging
+
+
+def _load_checked(path: str) -> Settings:
+    """Load a config and build what it compiles to (moderation rules), so every problem shows."""
+    from .server import Runtime
+
+    settings = load_settings(path)
+    Runtime(settings)
+    return settings
+
+
+def _config_path(args: argparse.Namespace) -> str | None:
+    return args.config or os.environ.get(CONFIG_PATH_ENV)
+
+
+def _print_problems(problems: list[str]) -> None:
+    for problem in problems:
+        print(problem, file=sys.stderr)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    try:
+        _load_checked(args.path)
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return 1
+    print(f"{args.path}: OK")
+    return 0
+
+
+def cmd_hash_key(args: argparse.Namespace) -> int:
+    print(hash_key(args.secret))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    path = _config_path(args)
+    if not path:
+        print(f"sluice serve: give --config PATH or set {CONFIG_PATH_ENV}", file=sys.stderr)
+        return 2
+    try:
+        settings = _load_checked(path)
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return 1
+    configure_logging(settings.logging.level, settings.logging.format)
+    try:
+        asyncio.run(serve(settings, args.host, args.port))
+    except OSError as exc:  # the port is taken, the host is not ours
+        print(f"sluice serve: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_mock_upstream(args: argparse.Namespace) -> int:
+    from .mock_upstream import run_mock_upstream
+
+    print(f"mock upstream on http://{args.host}:{args.port}/v1 (delay {args.delay_ms} ms per chunk)", flush=True)
+    try:
+        asyncio.run(run_mock_upstream(args.host, args.port, args.delay_ms))
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"sluice mock-upstream: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    try:
+        return asyncio.run(run_demo(args.port, args.delay_ms))
+    except KeyboardInterrupt:
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sluice", description="An OpenAI-compatible LLM gateway.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help=f"the YAML config (default: ${CONFIG_PATH_ENV})")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.set_defaults(run=cmd_serve)
+
+    demo = commands.add_parser("demo", help="the gateway with a built-in mock model and config/demo.yaml")
+    demo.add_argument("--port", type=int, default=8080)
+    demo.add_argument("--delay-ms", type=float, default=40.0, help="the mock model's delay per chunk")
+    demo.set_defaults(run=cmd_demo)
+
+    mock = commands.add_parser("mock-upstream", help="an OpenAI-compatible fake model that streams its answer")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=9000)
+    mock.add_argument("--delay-ms", type=float, default=20.0, help="delay per streamed chunk")
+    mock.set_defaults(run=cmd_mock_upstream)
+
+    check = commands.add_parser("check-config", help="validate a config: exit 0, or 1 with every problem")
+    check.add_argument("path")
+    check.set_defaults(run=cmd_check_config)
+
+    hasher = commands.add_parser("hash-key", help="the sha256 hex to put in a key entry")
+    hasher.add_argument("secret")
+    hasher.set_defaults(run=cmd_hash_key)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)

@@ -1,0 +1,151 @@
+"""Relaying an upstream answer to the client: the I/O shell around the pure cores.
+
+For a stream: read bytes as they come, decode SSE, rewrite each event
+(``StreamRewriter``), write at once. Silence from the upstream is answered
+with a keep-alive comment; a break, a timeout or a bad event ends the stream
+with an error event after whatever the moderation windows still held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from .sse import KEEPALIVE, EventTooLarge, SSEDecoder
+from .stream_rewriter import StreamRewriter, UpstreamStreamError, error_event
+
+
+@dataclass(slots=True)
+class StreamOutcome:
+    """How a relayed stream ended, for the request's log line and accounting."""
+
+    completed: bool = False  # the client got [DONE]
+    error: str | None = None  # the error code sent as the final event
+    client_gone: bool = False
+    first_text_at: float | None = None  # monotonic time the first answer text was written
+    upstream_events: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class ClientGone(Exception):
+    """The client closed its connection; stop and release the upstream."""
+
+
+async def _write(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        await response.write(data)
+    except (ConnectionResetError, ConnectionError, RuntimeError) as exc:
+        # aiohttp raises ClientConnectionResetError (a ConnectionResetError) or, on a
+        # closed payload writer, RuntimeError: either way nobody is listening.
+        raise ClientGone() from exc
+
+
+async def relay_stream(
+    upstream: aiohttp.ClientResponse,
+    response: web.StreamResponse,
+    rewriter: StreamRewriter,
+    *,
+    keepalive_seconds: float,
+    max_event_bytes: int,
+) -> StreamOutcome:
+    """Pump ``upstream`` into ``response`` until [DONE], a block, an error or the client leaves."""
+    outcome = StreamOutcome()
+    decoder = SSEDecoder(max_event_bytes)
+    content = upstream.content
+    try:
+        while not rewriter.done:
+            try:
+                async with asyncio.timeout(keepalive_seconds) as silence:
+                    data = await content.readany()
+            except TimeoutError:
+                if silence.expired():
+                    await _write(response, KEEPALIVE)
+                    continue
+                raise
+            events = decoder.feed(data) if data else decoder.finish()
+            out = b""
+            for event in events:
+                outcome.upstream_events += 1
+                out += rewriter.event(event.data)
+                if rewriter.done:
+                    break
+            if not data and not rewriter.done:
+                # EOF without [DONE]: complete only if every choice had finished.
+                if rewriter.all_choices_finished():
+                    out += rewriter.finish()
+                else:
+                    raise UpstreamStreamError("The upstream closed the stream before it was complete.")
+            if out:
+                if outcome.first_text_at is None and rewriter.delivered_text:
+                    outcome.first_text_at = time.monotonic()
+                await _write(response, out)
+        outcome.completed = rewriter.blocked is None
+    except ClientGone:
+        outcome.client_gone = True
+    except (UpstreamStreamError, EventTooLarge) as exc:
+        await _end_with_error(response, rewriter, outcome, str(exc), "upstream_error")
+    except (aiohttp.ServerTimeoutError, TimeoutError):
+        await _end_with_error(
+            response, rewriter, outcome, "The upstream went silent mid-stream past the read timeout.", "upstream_timeout"
+        )
+    except (aiohttp.ClientError, ConnectionError) as exc:
+        await _end_with_error(
+            response, rewriter, outcome, f"The upstream connection broke mid-stream ({type(exc).__name__}).", "upstream_error"
+        )
+    return outcome
+
+
+async def _end_with_error(
+    response: web.StreamResponse, rewriter: StreamRewriter, outcome: StreamOutcome, message: str, code: str
+) -> None:
+    outcome.error = code
+    outcome.notes.append(message)
+    try:
+        await _write(response, rewriter.flush_before_error() + error_event(message, code))
+    except ClientGone:
+        outcome.client_gone = True
+
+
+def moderate_whole_answer(answer: dict[str, Any], engine: Any, *, chat: bool) -> tuple[list[Any], Any]:
+    """Moderate a non-streamed answer in place, as one window per choice would.
+
+    Returns (actions, blocking action or None). A blocked choice keeps the text
+    before the match and ends with ``finish_reason: "content_filter"``.
+    """
+    actions: list[Any] = []
+    blocked = None
+    choices = answer.get("choices")
+    if not isinstance(choices, list):
+        return actions, blocked
+    for choice in choices:
+        if not isinstance(choice, dict):
+            continue
+        holder = choice.get("message") if chat else choice
+        if not isinstance(holder, dict):
+            continue
+        key = "content" if chat else "text"
+        choice_blocked = None
+        if isinstance(holder.get(key), str):
+            result = engine.moderate(holder[key], "output")
+            holder[key] = result.text
+            actions.extend(result.actions)
+            choice_blocked = result.blocked
+        calls = holder.get("tool_calls") if chat and choice_blocked is None else None
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                result = engine.moderate(function["arguments"], "output")
+                function["arguments"] = result.text
+                actions.extend(result.actions)
+                if result.blocked is not None:
+                    choice_blocked = result.blocked
+                    break
+        if choice_blocked is not None:
+            choice["finish_reason"] = "content_filter"
+            blocked = blocked or choice_blocked
+    return actions, blocked

@@ -1,0 +1,548 @@
+"""The HTTP shell: aiohttp routes, middleware and the request path.
+
+The path reads left to right as in DESIGN.md: authenticate, validate, route,
+moderate the input, forward, relay the answer (moderated and counted), then
+settle: one log line per request. Everything that decides something lives in
+a pure module; this one moves bytes and keeps time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import hdrs, web
+
+from .auth import Caller, KeyRing
+from .config import Settings
+from .errors import GatewayError, error_body, invalid_request
+from .logs import log
+from .moderation import ModerationEngine
+from .relay import StreamOutcome, moderate_whole_answer, relay_stream
+from .stream_rewriter import StreamRewriter
+from .tokens import count_chat_prompt, count_prompt, count_text
+from .upstream import Router, Upstream, forwarded_response_headers, upstream_timeout, upstream_unreachable
+from .validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, parse_request
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+REQUEST_ID_KEY = "sluice.request_id"
+GATEWAY = web.AppKey("gateway", "Gateway")
+_JSON = "application/json"
+
+
+class Runtime:
+    """Everything built from one config. A reload (later) swaps the whole object."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.keyring = KeyRing(settings)
+        self.router = Router([Upstream(u) for u in settings.upstreams])
+        self.moderation = ModerationEngine.from_config(settings.moderation) if settings.moderation.rules else None
+
+    def moderates(self, direction: str) -> bool:
+        return self.moderation is not None and self.moderation.has_rules(direction)
+
+    async def start(self) -> None:
+        await self.router.start()
+
+    async def close(self) -> None:
+        await self.router.close()
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    """What the one log line of a request says; filled in as the request goes."""
+
+    request_id: str
+    endpoint: str
+    started: float = field(default_factory=time.monotonic)
+    team: str | None = None
+    key: str | None = None
+    model: str | None = None
+    stream: bool = False
+    status: int = 500
+    error: str | None = None
+    upstream: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_ms: float | None = None
+    upstream_wait: float = 0.0
+    moderation: list[dict[str, str]] = field(default_factory=list)
+
+    def add_actions(self, actions: Any, direction: str) -> None:
+        for action in actions:
+            self.moderation.append({"rule": action.rule, "action": action.action, "direction": direction})
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "team": self.team,
+            "key": self.key,
+            "model": self.model,
+            "stream": self.stream,
+            "status": self.status,
+            "error": self.error,
+            "upstream": self.upstream,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "duration_ms": round((time.monotonic() - self.started) * 1000, 2),
+            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
+            "moderation": self.moderation,
+        }
+
+
+class Gateway:
+    """The app-wide state: the current runtime and whether we are shutting down."""
+
+    def __init__(self, settings: Settings):
+        self.runtime = Runtime(settings)
+        self.shutting_down = False
+        self.inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def request_started(self) -> None:
+        self.inflight += 1
+        self._idle.clear()
+
+    def request_ended(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
+
+    @property
+    def settings(self) -> Settings:
+        return self.runtime.settings
+
+
+# -- middleware -------------------------------------------------------------
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("x-request-id")
+    if given and _REQUEST_ID.match(given):
+        return given
+    return uuid.uuid4().hex
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=json.dumps(body).encode(), status=status, content_type=_JSON, headers=headers)
+
+
+def error_response(error: GatewayError) -> web.Response:
+    return web.Response(body=error.body_bytes(), status=error.status, content_type=_JSON, headers=error.headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Give every request an id and turn every failure into an OpenAI-shaped error."""
+    request_id = _request_id(request)
+    request[REQUEST_ID_KEY] = request_id
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=request_id)
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status == 404:
+            return error_response(GatewayError(404, "not_found", f"No route for {request.method} {request.path}."))
+        if exc.status == 405:
+            return error_response(
+                GatewayError(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}.")
+            )
+        raise
+    except Exception:
+        log.exception("unhandled error")
+        return error_response(GatewayError(500, "internal_error", "The gateway failed to handle the request."))
+
+
+async def _stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    request_id = request.get(REQUEST_ID_KEY)
+    if request_id:
+        response.headers["x-request-id"] = request_id
+
+
+# -- request helpers --------------------------------------------------------
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    too_large = GatewayError(413, "request_too_large", f"The request body is larger than {limit} bytes.")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    chunks = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _prompt_text_count(parsed: ParsedRequest) -> int:
+    payload = parsed.payload
+    if parsed.endpoint == CHAT:
+        return count_chat_prompt(parsed.model, payload["messages"])
+    if parsed.endpoint == COMPLETIONS:
+        return count_prompt(parsed.model, payload["prompt"])
+    return count_prompt(parsed.model, payload["input"])
+
+
+def _input_texts(parsed: ParsedRequest) -> list[tuple[dict[str, Any] | list[Any], Any]]:
+    """The (container, key) pairs holding the prompt's text, so a redaction can write back."""
+    payload = parsed.payload
+    slots: list[tuple[Any, Any]] = []
+    if parsed.endpoint == CHAT:
+        for message in payload["messages"]:
+            content = message.get("content")
+            if isinstance(content, str):
+                slots.append((message, "content"))
+            elif isinstance(content, list):
+                slots.extend((part, "text") for part in content if part.get("type") == "text")
+    else:
+        name = "prompt" if parsed.endpoint == COMPLETIONS else "input"
+        value = payload[name]
+        if isinstance(value, str):
+            slots.append((payload, name))
+        elif isinstance(value, list):
+            slots.extend((value, i) for i, item in enumerate(value) if isinstance(item, str))
+    return slots
+
+
+def _moderate_input(runtime: Runtime, parsed: ParsedRequest, record: RequestRecord) -> bool:
+    """Moderate every prompt text in place; raise on a block. Returns whether anything changed."""
+    assert runtime.moderation is not None
+    changed = False
+    for container, key in _input_texts(parsed):
+        text = container[key]
+        result = runtime.moderation.moderate(text, "input")
+        record.add_actions(result.actions, "input")
+        if result.blocked is not None:
+            raise GatewayError(
+                400,
+                "content_filter",
+                f"The prompt was blocked by the moderation rule {result.blocked.rule!r}.",
+                "messages" if parsed.endpoint == CHAT else None,
+            )
+        if result.text != text:
+            container[key] = result.text
+            changed = True
+    return changed
+
+
+# -- handlers ---------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    if gateway.shutting_down:
+        return json_response({"status": "shutting_down"}, status=503)
+    return json_response({"status": "ready"})
+
+
+async def list_models(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    _refuse_when_shutting_down(gateway)
+    runtime = gateway.runtime
+    caller = runtime.keyring.authenticate(request.headers.get(hdrs.AUTHORIZATION))
+    names: dict[str, str] = {}
+    for upstream in runtime.router.upstreams:
+        for glob in upstream.config.models:
+            if not any(ch in glob for ch in "*?[") and caller.may_use(glob):
+                names.setdefault(glob, upstream.name)
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": owner} for name, owner in names.items()]
+    return json_response({"object": "list", "data": data})
+
+
+def _refuse_when_shutting_down(gateway: Gateway) -> None:
+    if gateway.shutting_down:
+        raise GatewayError(503, "shutting_down", "The gateway is shutting down; retry on another replica.")
+
+
+def _authorize(runtime: Runtime, caller: Caller, model: str) -> Upstream:
+    if not caller.may_use(model):
+        raise GatewayError(
+            403, "model_not_allowed", f"The team {caller.team_name!r} may not use the model {model!r}.", "model"
+        )
+    return runtime.router.route(model)
+
+
+def _upstream_body(parsed: ParsedRequest, body: bytes, rewritten: bool) -> bytes:
+    payload = parsed.payload
+    if parsed.stream and not parsed.client_wants_usage:
+        # Ask for usage so tokens are counted by the provider; the chunk is hidden from the client.
+        options = payload.get("stream_options") or {}
+        payload["stream_options"] = {**options, "include_usage": True}
+        rewritten = True
+    return json.dumps(payload).encode() if rewritten else body
+
+
+def _usage_from(usage: Any) -> tuple[int, int] | None:
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens", 0)
+    if isinstance(prompt, int) and isinstance(completion, int):
+        return prompt, completion
+    return None
+
+
+def proxy_handler(endpoint: str, path: str) -> Any:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        gateway = request.app[GATEWAY]
+        runtime = gateway.runtime  # this request keeps the config it started with
+        record = RequestRecord(request[REQUEST_ID_KEY], endpoint)
+        gateway.request_started()
+        try:
+            _refuse_when_shutting_down(gateway)
+            caller = runtime.keyring.authenticate(request.headers.get(hdrs.AUTHORIZATION))
+            record.team, record.key = caller.team_name, caller.key_id
+            body = await read_body(request, runtime.settings.server.max_body_bytes)
+            parsed = parse_request(endpoint, body)
+            record.model, record.stream = parsed.model, parsed.stream
+            upstream = _authorize(runtime, caller, parsed.model)
+            record.upstream = upstream.name
+            rewritten = runtime.moderates("input") and endpoint != EMBEDDINGS and _moderate_input(runtime, parsed, record)
+            upstream_body = _upstream_body(parsed, body, rewritten)
+            headers = upstream.request_headers(request.headers, record.request_id)
+            if parsed.stream:
+                response = await _forward_stream(request, runtime, upstream, parsed, upstream_body, headers, record)
+            else:
+                response = await _forward_whole(runtime, upstream, parsed, upstream_body, headers, record)
+            record.status = response.status
+            return response
+        except GatewayError as exc:
+            record.status, record.error = exc.status, exc.code
+            raise
+        except asyncio.CancelledError:
+            record.status, record.error = 499, "client_closed_request"
+            raise
+        finally:
+            gateway.request_ended()
+            log.info("request", **record.fields())
+
+    handler.__name__ = f"proxy_{endpoint.replace('.', '_')}"
+    return handler
+
+
+async def _forward_whole(
+    runtime: Runtime,
+    upstream: Upstream,
+    parsed: ParsedRequest,
+    body: bytes,
+    headers: dict[str, str],
+    record: RequestRecord,
+) -> web.Response:
+    sent = time.monotonic()
+    async with await upstream.post(_PATHS[parsed.endpoint], body, headers) as resp:
+        try:
+            answer = await resp.read()
+        except (aiohttp.ServerTimeoutError, TimeoutError):
+            raise upstream_timeout(upstream.name) from None
+        except aiohttp.ClientError as exc:
+            raise upstream_unreachable(upstream.name, exc) from None
+        status, upstream_headers = resp.status, resp.headers
+    record.upstream_wait = time.monotonic() - sent
+    out_headers = forwarded_response_headers(upstream_headers)
+    if status == 200:
+        answer = _settle_whole_answer(runtime, parsed, answer, record)
+    overhead = time.monotonic() - record.started - record.upstream_wait
+    out_headers["x-sluice-overhead-ms"] = f"{overhead * 1000:.2f}"
+    return web.Response(body=answer, status=status, headers=out_headers)
+
+
+def _settle_whole_answer(runtime: Runtime, parsed: ParsedRequest, answer: bytes, record: RequestRecord) -> bytes:
+    """Moderate and count a whole 200 answer; return the bytes to send."""
+    try:
+        document = json.loads(answer)
+    except ValueError:
+        raise GatewayError(502, "upstream_error", "The upstream answered with a body that is not JSON.") from None
+    if not isinstance(document, dict):
+        raise GatewayError(502, "upstream_error", "The upstream answered with a body that is not a JSON object.")
+    usage = _usage_from(document.get("usage"))
+    if usage is None:
+        usage = (_prompt_text_count(parsed), _count_whole_completion(parsed, document))
+    record.prompt_tokens, record.completion_tokens = usage
+    if parsed.endpoint != EMBEDDINGS and runtime.moderates("output"):
+        actions, _ = moderate_whole_answer(document, runtime.moderation, chat=parsed.endpoint == CHAT)
+        record.add_actions(actions, "output")
+        if actions:
+            return json.dumps(document).encode()
+    return answer
+
+
+def _count_whole_completion(parsed: ParsedRequest, document: dict[str, Any]) -> int:
+    total = 0
+    for choice in document.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        holder = choice.get("message") if parsed.endpoint == CHAT else choice
+        text = holder.get("content" if parsed.endpoint == CHAT else "text") if isinstance(holder, dict) else None
+        if isinstance(text, str):
+            total += count_text(parsed.model, text)
+    return total
+
+
+async def _forward_stream(
+    request: web.Request,
+    runtime: Runtime,
+    upstream: Upstream,
+    parsed: ParsedRequest,
+    body: bytes,
+    headers: dict[str, str],
+    record: RequestRecord,
+) -> web.StreamResponse:
+    server = runtime.settings.server
+    resp = await upstream.post(_PATHS[parsed.endpoint], body, headers)
+    outcome: StreamOutcome | None = None
+    try:
+        if resp.status != 200 or "text/event-stream" not in resp.headers.get(hdrs.CONTENT_TYPE, ""):
+            # An upstream error (or an answer that is not a stream) passes through as it came.
+            try:
+                answer = await resp.read()
+            except (aiohttp.ServerTimeoutError, TimeoutError):
+                raise upstream_timeout(upstream.name) from None
+            except aiohttp.ClientError as exc:
+                raise upstream_unreachable(upstream.name, exc) from None
+            return web.Response(body=answer, status=resp.status, headers=forwarded_response_headers(resp.headers))
+        response = web.StreamResponse(
+            status=200,
+            headers={
+                hdrs.CONTENT_TYPE: "text/event-stream",
+                hdrs.CACHE_CONTROL: "no-cache",
+                "x-accel-buffering": "no",
+                **forwarded_response_headers({k: v for k, v in resp.headers.items() if k.lower() != "content-type"}),
+            },
+        )
+        await response.prepare(request)
+        rewriter = StreamRewriter(runtime.moderation, chat=parsed.endpoint == CHAT, client_wants_usage=parsed.client_wants_usage)
+        outcome = await relay_stream(
+            resp,
+            response,
+            rewriter,
+            keepalive_seconds=server.keepalive_seconds,
+            max_event_bytes=server.max_event_bytes,
+        )
+        record.add_actions(rewriter.actions, "output")
+        if outcome.first_text_at is not None:
+            record.ttft_ms = (outcome.first_text_at - record.started) * 1000
+        record.error = outcome.error or ("client_closed_request" if outcome.client_gone else None)
+        usage = _usage_from(rewriter.usage)
+        if usage is None:
+            texts = rewriter.completion_texts()
+            usage = (_prompt_text_count(parsed), sum(count_text(parsed.model, t) for t in texts))
+        record.prompt_tokens, record.completion_tokens = usage
+        if not outcome.client_gone:
+            try:
+                await response.write_eof()
+            except (ConnectionError, RuntimeError):
+                pass
+        return response
+    finally:
+        if outcome is not None and outcome.completed:
+            resp.release()
+        else:
+            # A block, an error or a client that left: drop the upstream connection at once.
+            resp.close()
+
+
+_PATHS = {CHAT: "/chat/completions", COMPLETIONS: "/completions", EMBEDDINGS: "/embeddings"}
+
+
+# -- the application --------------------------------------------------------
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes + 1)
+    gateway = Gateway(settings)
+    app[GATEWAY] = gateway
+    app.on_response_prepare.append(_stamp_request_id)
+
+    async def lifecycle(app: web.Application) -> Any:
+        await gateway.runtime.start()
+        yield
+        await gateway.runtime.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/chat/completions", proxy_handler(CHAT, "/chat/completions"))
+    app.router.add_post("/v1/completions", proxy_handler(COMPLETIONS, "/completions"))
+    app.router.add_post("/v1/embeddings", proxy_handler(EMBEDDINGS, "/embeddings"))
+    return app
+
+
+class GatewayServer:
+    """The gateway listening on a socket: used by ``sluice serve`` and by the tests."""
+
+    def __init__(self, settings: Settings, host: str | None = None, port: int | None = None):
+        self.settings = settings
+        self.host = host if host is not None else settings.server.host
+        self.port = port if port is not None else settings.server.port
+        self.app = create_app(settings)
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app[GATEWAY]
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(
+            self.app,
+            handler_cancellation=True,  # a client that leaves cancels its handler, and so the upstream call
+            shutdown_timeout=1.0,  # stop() has already given in-flight requests their grace period
+            access_log=None,
+        )
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        if self.port == 0:
+            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        """Refuse new requests (503, /readyz too), let in-flight ones finish within the grace period, close.
+
+        The listener stays open during the grace period so that load balancers and
+        clients get a clear 503 ``shutting_down`` rather than a refused connection.
+        """
+        gateway = self.gateway
+        gateway.shutting_down = True
+        grace = self.settings.server.shutdown_grace_seconds
+        try:
+            await asyncio.wait_for(gateway.wait_idle(), grace)
+        except TimeoutError:
+            log.warning("grace period over; cancelling requests still in flight", inflight=gateway.inflight)
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+async def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully."""
+    server = GatewayServer(settings, host, port)
+    await server.start()
+    log.info("listening", host=server.host, port=server.port, upstreams=[u.name for u in settings.upstreams])
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down", grace_seconds=settings.server.shutdown_grace_seconds)
+    await server.stop()
+    log.info("stopped")

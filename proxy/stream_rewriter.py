@@ -1,0 +1,298 @@
+"""Rewriting a streamed answer chunk by chunk, with no I/O.
+
+``StreamRewriter`` takes the ``data`` of each upstream event and returns the
+bytes to send the client. It moderates the text of every choice and of every
+tool call's arguments in a window of its own, captures the upstream's usage
+(and hides it from clients that did not ask for it), keeps the text it saw for
+counting when no usage comes, and turns a block into the
+``finish_reason: "content_filter"`` ending. A chunk that needs no change is
+forwarded as the very bytes that arrived: no re-encoding on the fast path.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from typing import TYPE_CHECKING
+
+from .sse import DONE, encode_data
+
+if TYPE_CHECKING:
+    from .moderation import Action, ModerationEngine
+
+
+class UpstreamStreamError(Exception):
+    """The upstream stream cannot be relayed further (bad JSON, an error event)."""
+
+
+def error_event(message: str, code: str = "upstream_error") -> bytes:
+    body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
+    return encode_data(json.dumps(body).encode())
+
+
+class _Choice:
+    """Per choice: its moderation windows and the raw text seen, for counting."""
+
+    __slots__ = ("content_window", "tool_windows", "seen", "finished")
+
+    def __init__(self, engine: ModerationEngine | None):
+        self.content_window = engine.stream("output") if engine else None
+        self.tool_windows: dict[int, Any] = {}
+        self.seen: list[str] = []
+        self.finished = False
+
+
+class StreamRewriter:
+    """The pure core of streaming: upstream event data in, client bytes out.
+
+    ``text_field`` is ``"content"`` inside ``delta`` for chat and ``"text"`` on
+    the choice itself for legacy completions.
+    """
+
+    def __init__(self, engine: ModerationEngine | None, *, chat: bool, client_wants_usage: bool):
+        self._engine = engine if engine is not None and engine.has_rules("output") else None
+        self._chat = chat
+        self._client_wants_usage = client_wants_usage
+        self._choices: dict[int, _Choice] = {}
+        self._envelope: dict[str, Any] = {}  # id, object, created, model of the last chunk
+        self.usage: dict[str, Any] | None = None
+        self.actions: list[Action] = []
+        self.blocked: Action | None = None
+        self.done = False  # [DONE] seen, or ended by a block
+        self.delivered_text = False  # some answer text has gone to the client
+
+    # -- events -------------------------------------------------------------
+
+    def event(self, data: str) -> bytes:
+        """One upstream event's data; returns what to write (possibly nothing)."""
+        if self.done:
+            return b""
+        if data == "[DONE]":
+            return self.finish()
+        try:
+            chunk = json.loads(data)
+        except ValueError:
+            raise UpstreamStreamError("The upstream sent an event that is not valid JSON.") from None
+        if not isinstance(chunk, dict):
+            raise UpstreamStreamError("The upstream sent an event that is not a JSON object.")
+        if "error" in chunk and "choices" not in chunk:
+            raise UpstreamStreamError(_upstream_error_message(chunk["error"]))
+        for field in ("id", "object", "created", "model"):
+            if field in chunk:
+                self._envelope[field] = chunk[field]
+
+        changed = False
+        usage = chunk.get("usage")
+        if usage is not None:
+            self.usage = usage
+            if not self._client_wants_usage:
+                if not chunk.get("choices"):
+                    return b""
+                del chunk["usage"]
+                changed = True
+
+        choices = chunk.get("choices")
+        if isinstance(choices, list):
+            kept = []
+            for choice in choices:
+                if not isinstance(choice, dict):
+                    kept.append(choice)
+                    continue
+                keep, choice_changed = self._choice(choice)
+                changed = changed or choice_changed
+                if keep:
+                    kept.append(choice)
+                else:
+                    changed = True
+                if self.blocked is not None:
+                    break
+            if changed:
+                if not kept and not chunk.get("usage"):
+                    out = b""
+                else:
+                    chunk["choices"] = kept
+                    out = encode_data(json.dumps(chunk).encode())
+            else:
+                out = encode_data(data.encode())
+            if self.blocked is not None:
+                out += self._end_after_block()
+            return out
+        return encode_data(json.dumps(chunk).encode() if changed else data.encode())
+
+    def finish(self) -> bytes:
+        """The upstream said [DONE]: flush every window, then [DONE]."""
+        if self.done:
+            return b""
+        out = self._flush_all(finish_reason=None)
+        self.done = True
+        return out + DONE
+
+    def all_choices_finished(self) -> bool:
+        return bool(self._choices) and all(c.finished for c in self._choices.values())
+
+    def flush_before_error(self) -> bytes:
+        """The stream broke: release what the windows hold (moderated) before the error event."""
+        if self.done:
+            return b""
+        out = self._flush_all(finish_reason=None)
+        self.done = True
+        return out
+
+    def completion_texts(self) -> list[str]:
+        """The raw text of each choice as the upstream sent it (what it will bill)."""
+        return ["".join(c.seen) for c in self._choices.values()]
+
+    # -- choices ------------------------------------------------------------
+
+    def _choice(self, choice: dict[str, Any]) -> tuple[bool, bool]:
+        """Moderate one choice in place; return (keep it, it changed)."""
+        index = choice.get("index", 0)
+        state = self._choices.get(index)
+        if state is None:
+            state = self._choices[index] = _Choice(self._engine)
+        holder = choice.get("delta") if self._chat else choice
+        changed = False
+        had_payload = False
+        if isinstance(holder, dict):
+            text = holder.get("content" if self._chat else "text")
+            if isinstance(text, str) and text:
+                had_payload = True
+                state.seen.append(text)
+                if state.content_window is not None:
+                    released = self._feed(state.content_window, text)
+                    if released != text:
+                        holder["content" if self._chat else "text"] = released
+                        changed = True
+                    text = released
+                if text:
+                    self.delivered_text = True
+            tool_calls = holder.get("tool_calls") if self._chat else None
+            if isinstance(tool_calls, list):
+                had_payload = True
+                changed = self._tool_calls(state, tool_calls) or changed
+        finish_reason = choice.get("finish_reason")
+        if finish_reason is not None:
+            state.finished = True
+            if self.blocked is None:
+                changed = self._flush_choice(state, holder) or changed
+        if self.blocked is not None:
+            # The blocked choice ends here, with the text before the match and nothing after.
+            choice["finish_reason"] = "content_filter"
+            state.finished = True
+            state.content_window = None
+            state.tool_windows = {}
+            return True, True
+        if changed and had_payload and finish_reason is None:
+            # A text-only chunk whose text the window holds back entirely is skipped, not sent empty.
+            return _has_visible_payload(holder, self._chat) or "role" in holder, True
+        return True, changed
+
+    def _tool_calls(self, state: _Choice, tool_calls: list[Any]) -> bool:
+        changed = False
+        for call in tool_calls:
+            if not isinstance(call, dict):
+                continue
+            function = call.get("function")
+            arguments = function.get("arguments") if isinstance(function, dict) else None
+            if not isinstance(arguments, str) or not arguments:
+                continue
+            state.seen.append(arguments)
+            if self._engine is None:
+                continue
+            window = state.tool_windows.get(call.get("index", 0))
+            if window is None:
+                window = state.tool_windows[call.get("index", 0)] = self._engine.stream("output")
+            released = self._feed(window, arguments)
+            if released != arguments:
+                function["arguments"] = released
+                changed = True
+            if self.blocked is not None:
+                break
+        return changed
+
+    def _feed(self, window: Any, text: str) -> str:
+        result = window.feed(text)
+        self._take(result)
+        return result.text
+
+    def _take(self, result: Any) -> None:
+        self.actions.extend(result.actions)
+        if result.blocked is not None and self.blocked is None:
+            self.blocked = result.blocked
+
+    def _flush_choice(self, state: _Choice, holder: Any) -> bool:
+        """At a choice's finish: its held-back text goes into this (final) chunk."""
+        changed = False
+        if state.content_window is not None:
+            result = state.content_window.finish()
+            self._take(result)
+            if result.text and isinstance(holder, dict):
+                key = "content" if self._chat else "text"
+                holder[key] = (holder.get(key) or "") + result.text
+                self.delivered_text = True
+                changed = True
+        for tool_index, window in state.tool_windows.items():
+            result = window.finish()
+            self._take(result)
+            if result.text and isinstance(holder, dict):
+                calls = holder.setdefault("tool_calls", [])
+                calls.append({"index": tool_index, "function": {"arguments": result.text}})
+                changed = True
+        state.content_window = None
+        state.tool_windows = {}
+        return changed
+
+    def _flush_all(self, finish_reason: str | None) -> bytes:
+        """Release the windows of every unfinished choice as synthetic chunks."""
+        out = b""
+        for index, state in self._choices.items():
+            if state.content_window is None and not state.tool_windows:
+                continue
+            holder: dict[str, Any] = {}
+            self._flush_choice(state, holder)
+            reason = "content_filter" if self.blocked is not None else finish_reason
+            if holder or reason:
+                out += self._synthetic_chunk(index, holder, reason)
+        return out
+
+    def _end_after_block(self) -> bytes:
+        """After a block: flush the other choices, end each with content_filter, then [DONE]."""
+        out = b""
+        for index, state in self._choices.items():
+            if state.finished:
+                continue
+            holder: dict[str, Any] = {}
+            self._flush_choice(state, holder)
+            state.finished = True
+            out += self._synthetic_chunk(index, holder, "content_filter")
+        self.done = True
+        return out + DONE
+
+    def _synthetic_chunk(self, index: int, holder: dict[str, Any], finish_reason: str | None) -> bytes:
+        choice: dict[str, Any] = {"index": index}
+        if self._chat:
+            choice["delta"] = holder
+        else:
+            choice["text"] = holder.get("text", "")
+        choice["finish_reason"] = finish_reason
+        chunk = {**self._envelope, "choices": [choice]}
+        return encode_data(json.dumps(chunk).encode())
+
+def _has_visible_payload(holder: dict[str, Any], chat: bool) -> bool:
+    if holder.get("content" if chat else "text"):
+        return True
+    calls = holder.get("tool_calls")
+    if not isinstance(calls, list):
+        return False
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(call, dict) or call.get("id") or (isinstance(function, dict) and (function.get("name") or function.get("arguments"))):
+            return True
+    return False
+
+
+def _upstream_error_message(error: Any) -> str:
+    if isinstance(error, dict) and isinstance(error.get("message"), str):
+        return f"The upstream reported an error: {error['message']}"
+    return "The upstream reported an error."

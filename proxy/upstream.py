@@ -1,0 +1,123 @@
+"""The upstream side: one pooled ``aiohttp.ClientSession`` per configured provider.
+
+A session per upstream keeps keep-alive connections warm and lets each
+provider have its own timeouts. Errors of the transport are turned into the
+gateway's own errors here, so the request path never sees an aiohttp exception.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import aiohttp
+
+from .auth import model_matches
+from .config import UpstreamConfig
+from .errors import GatewayError
+
+# Request headers a client may send on to the provider; everything else
+# (Authorization above all, hop-by-hop headers, cookies) stays at the gateway.
+FORWARDED_REQUEST_HEADERS = ("accept", "user-agent", "openai-beta")
+# Response headers a provider may send back to the client.
+FORWARDED_RESPONSE_HEADERS = (
+    "content-type",
+    "openai-model",
+    "openai-processing-ms",
+    "openai-version",
+    "retry-after",
+    "retry-after-ms",
+    "x-should-retry",
+)
+
+
+def forwarded_response_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    kept = {name: headers[name] for name in FORWARDED_RESPONSE_HEADERS if name in headers}
+    if "x-request-id" in headers:
+        kept["x-upstream-request-id"] = headers["x-request-id"]
+    return kept
+
+
+class Upstream:
+    """One provider: its config, its API key and its connection pool."""
+
+    def __init__(self, config: UpstreamConfig, environ: Mapping[str, str] | None = None):
+        self.config = config
+        self.name = config.name
+        environ = os.environ if environ is None else environ
+        self._api_key = environ.get(config.api_key_env) if config.api_key_env else None
+        self._session: aiohttp.ClientSession | None = None
+
+    def serves(self, model: str) -> bool:
+        return model_matches(model, self.config.models)
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=None,
+            sock_connect=self.config.connect_timeout_seconds,
+            sock_read=self.config.read_timeout_seconds,
+        )
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
+        # We ask for identity encoding; should a provider compress anyway, aiohttp
+        # decompresses and content-encoding is not among the forwarded headers.
+        self._session = aiohttp.ClientSession(
+            timeout=timeout,
+            connector=connector,
+            skip_auto_headers=("User-Agent",),
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def request_headers(self, client_headers: Mapping[str, str], request_id: str) -> dict[str, str]:
+        headers = {name: client_headers[name] for name in FORWARDED_REQUEST_HEADERS if name in client_headers}
+        headers["content-type"] = "application/json"
+        headers["accept-encoding"] = "identity"
+        headers["x-request-id"] = request_id
+        if self._api_key:
+            headers["authorization"] = f"Bearer {self._api_key}"
+        return headers
+
+    async def post(self, path: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+        """Send a request; the caller must release the response."""
+        assert self._session is not None, "upstream not started"
+        try:
+            return await self._session.post(self.config.base_url + path, data=body, headers=headers)
+        except (aiohttp.ServerTimeoutError, TimeoutError):
+            raise upstream_timeout(self.name) from None
+        except aiohttp.ClientError as exc:
+            raise upstream_unreachable(self.name, exc) from None
+
+
+def upstream_timeout(name: str) -> GatewayError:
+    return GatewayError(504, "upstream_timeout", f"The upstream {name!r} did not answer in time.")
+
+
+def upstream_unreachable(name: str, exc: BaseException) -> GatewayError:
+    reason = type(exc).__name__
+    return GatewayError(502, "upstream_error", f"The upstream {name!r} could not be reached ({reason}).")
+
+
+class Router:
+    """Model name to provider: the first upstream whose globs match wins."""
+
+    def __init__(self, upstreams: list[Upstream]):
+        self.upstreams = upstreams
+
+    def route(self, model: str) -> Upstream:
+        for upstream in self.upstreams:
+            if upstream.serves(model):
+                return upstream
+        raise GatewayError(404, "model_not_found", f"The model {model!r} does not exist or is not served here.", "model")
+
+    async def start(self) -> None:
+        for upstream in self.upstreams:
+            await upstream.start()
+
+    async def close(self) -> None:
+        for upstream in self.upstreams:
+            await upstream.close()
