@@ -33,7 +33,7 @@ from .upstream import Router, Upstream, forwarded_response_headers, upstream_tim
 from .validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, parse_request
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
-REQUEST_ID_KEY = "sluice.request_id"
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
 GATEWAY = web.AppKey("gateway", "Gateway")
 _JSON = "application/json"
 
