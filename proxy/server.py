@@ -21,14 +21,16 @@ import aiohttp
 import structlog
 from aiohttp import hdrs, web
 
+from .accounting import LedgerEntry, Reservation, open_store
 from .auth import Caller, KeyRing
 from .config import Settings
 from .errors import GatewayError, error_body, invalid_request
 from .logs import log
 from .moderation import ModerationEngine
+from .quotas import Quotas, limits_tokens
 from .relay import StreamOutcome, moderate_whole_answer, relay_stream
 from .stream_rewriter import StreamRewriter
-from .tokens import count_chat_prompt, count_prompt, count_text
+from .tokens import count_chat_prompt, count_prompt, count_text, set_encodings_dir
 from .upstream import Router, Upstream, forwarded_response_headers, upstream_timeout, upstream_unreachable
 from .validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, parse_request
 
@@ -46,15 +48,20 @@ class Runtime:
         self.keyring = KeyRing(settings)
         self.router = Router([Upstream(u) for u in settings.upstreams])
         self.moderation = ModerationEngine.from_config(settings.moderation) if settings.moderation.rules else None
+        self.quotas: Quotas | None = None
 
     def moderates(self, direction: str) -> bool:
         return self.moderation is not None and self.moderation.has_rules(direction)
 
     async def start(self) -> None:
+        set_encodings_dir(self.settings.accounting.encodings_dir)
+        self.quotas = Quotas(await open_store(self.settings.accounting), self.settings.accounting)
         await self.router.start()
 
     async def close(self) -> None:
         await self.router.close()
+        if self.quotas is not None:
+            await self.quotas.close()
 
 
 @dataclass(slots=True)
@@ -80,6 +87,19 @@ class RequestRecord:
     def add_actions(self, actions: Any, direction: str) -> None:
         for action in actions:
             self.moderation.append({"rule": action.rule, "action": action.action, "direction": direction})
+
+    def ledger_entry(self) -> LedgerEntry:
+        return LedgerEntry(
+            time=time.time(),
+            request_id=self.request_id,
+            key=self.key or "",
+            team=self.team or "",
+            model=self.model or "",
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            status=self.status,
+            moderated=bool(self.moderation),
+        )
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -253,6 +273,9 @@ async def readyz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     if gateway.shutting_down:
         return json_response({"status": "shutting_down"}, status=503)
+    quotas = gateway.runtime.quotas
+    if quotas is None or not await quotas.ready():
+        return json_response({"status": "store_unavailable"}, status=503)
     return json_response({"status": "ready"})
 
 
@@ -283,6 +306,34 @@ def _authorize(runtime: Runtime, caller: Caller, model: str) -> Upstream:
     return runtime.router.route(model)
 
 
+# Models that take only ``max_completion_tokens`` (OpenAI's reasoning families).
+_COMPLETION_TOKENS_ONLY = re.compile(r"^(o\d|gpt-5)")
+# Above this many body bytes, counting the prompt moves off the event loop.
+_COUNT_IN_THREAD_BYTES = 64 * 1024
+
+
+def _requested_max_tokens(parsed: ParsedRequest, default: int) -> int:
+    """Completion tokens to reserve for the whole request (every choice)."""
+    if parsed.endpoint == EMBEDDINGS:
+        return 0
+    payload = parsed.payload
+    per_choice = payload.get("max_completion_tokens") or payload.get("max_tokens") or default
+    return per_choice * parsed.n
+
+
+def _cap_answer(parsed: ParsedRequest, reservation: Reservation) -> None:
+    """Send upstream the answer length the budgets allow, so no answer can overspend."""
+    payload = parsed.payload
+    per_choice = max(1, reservation.max_tokens // parsed.n)
+    if "max_completion_tokens" in payload or (
+        "max_tokens" not in payload and parsed.endpoint == CHAT and _COMPLETION_TOKENS_ONLY.match(parsed.model)
+    ):
+        payload["max_completion_tokens"] = per_choice
+        payload.pop("max_tokens", None)
+    else:
+        payload["max_tokens"] = per_choice
+
+
 def _upstream_body(parsed: ParsedRequest, body: bytes, rewritten: bool) -> bytes:
     payload = parsed.payload
     if parsed.stream and not parsed.client_wants_usage:
@@ -291,6 +342,12 @@ def _upstream_body(parsed: ParsedRequest, body: bytes, rewritten: bool) -> bytes
         payload["stream_options"] = {**options, "include_usage": True}
         rewritten = True
     return json.dumps(payload).encode() if rewritten else body
+
+
+async def _count_prompt(parsed: ParsedRequest, body_size: int) -> int:
+    if body_size > _COUNT_IN_THREAD_BYTES:
+        return await asyncio.to_thread(_prompt_text_count, parsed)
+    return _prompt_text_count(parsed)
 
 
 def _usage_from(usage: Any) -> tuple[int, int] | None:
@@ -302,11 +359,13 @@ def _usage_from(usage: Any) -> tuple[int, int] | None:
     return None
 
 
-def proxy_handler(endpoint: str, path: str) -> Any:
+def proxy_handler(endpoint: str) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
         gateway = request.app[GATEWAY]
         runtime = gateway.runtime  # this request keeps the config it started with
         record = RequestRecord(request[REQUEST_ID_KEY], endpoint)
+        admitted = False
+        reservation: Reservation | None = None
         gateway.request_started()
         try:
             _refuse_when_shutting_down(gateway)
@@ -318,12 +377,24 @@ def proxy_handler(endpoint: str, path: str) -> Any:
             upstream = _authorize(runtime, caller, parsed.model)
             record.upstream = upstream.name
             rewritten = runtime.moderates("input") and endpoint != EMBEDDINGS and _moderate_input(runtime, parsed, record)
+            record.prompt_tokens = await _count_prompt(parsed, len(body))
+            assert runtime.quotas is not None
+            requested = _requested_max_tokens(parsed, runtime.settings.accounting.default_max_tokens)
+            reservation = await runtime.quotas.reserve(caller, record.prompt_tokens, requested)
+            admitted = True
+            extra_headers = reservation.headers() if reservation is not None else {}
+            if reservation is not None and endpoint != EMBEDDINGS and limits_tokens(caller):
+                _cap_answer(parsed, reservation)
+                rewritten = True
             upstream_body = _upstream_body(parsed, body, rewritten)
             headers = upstream.request_headers(request.headers, record.request_id)
             if parsed.stream:
-                response = await _forward_stream(request, runtime, upstream, parsed, upstream_body, headers, record)
+                response = await _forward_stream(
+                    request, runtime, upstream, parsed, upstream_body, headers, record, extra_headers
+                )
             else:
                 response = await _forward_whole(runtime, upstream, parsed, upstream_body, headers, record)
+                response.headers.update(extra_headers)
             record.status = response.status
             return response
         except GatewayError as exc:
@@ -334,6 +405,8 @@ def proxy_handler(endpoint: str, path: str) -> Any:
             raise
         finally:
             gateway.request_ended()
+            if admitted:
+                runtime.quotas.settle(reservation, record.ledger_entry())  # type: ignore[union-attr]
             log.info("request", **record.fields())
 
     handler.__name__ = f"proxy_{endpoint.replace('.', '_')}"
@@ -376,7 +449,7 @@ def _settle_whole_answer(runtime: Runtime, parsed: ParsedRequest, answer: bytes,
         raise GatewayError(502, "upstream_error", "The upstream answered with a body that is not a JSON object.")
     usage = _usage_from(document.get("usage"))
     if usage is None:
-        usage = (_prompt_text_count(parsed), _count_whole_completion(parsed, document))
+        usage = (record.prompt_tokens, _count_whole_completion(parsed, document))
     record.prompt_tokens, record.completion_tokens = usage
     if parsed.endpoint != EMBEDDINGS and runtime.moderates("output"):
         actions, _ = moderate_whole_answer(document, runtime.moderation, chat=parsed.endpoint == CHAT)
@@ -406,9 +479,11 @@ async def _forward_stream(
     body: bytes,
     headers: dict[str, str],
     record: RequestRecord,
+    extra_headers: dict[str, str],
 ) -> web.StreamResponse:
     server = runtime.settings.server
     resp = await upstream.post(_PATHS[parsed.endpoint], body, headers)
+    rewriter: StreamRewriter | None = None
     outcome: StreamOutcome | None = None
     try:
         if resp.status != 200 or "text/event-stream" not in resp.headers.get(hdrs.CONTENT_TYPE, ""):
@@ -419,14 +494,17 @@ async def _forward_stream(
                 raise upstream_timeout(upstream.name) from None
             except aiohttp.ClientError as exc:
                 raise upstream_unreachable(upstream.name, exc) from None
-            return web.Response(body=answer, status=resp.status, headers=forwarded_response_headers(resp.headers))
+            return web.Response(
+                body=answer, status=resp.status, headers={**forwarded_response_headers(resp.headers), **extra_headers}
+            )
         response = web.StreamResponse(
             status=200,
             headers={
+                **forwarded_response_headers(resp.headers),
                 hdrs.CONTENT_TYPE: "text/event-stream",
                 hdrs.CACHE_CONTROL: "no-cache",
                 "x-accel-buffering": "no",
-                **forwarded_response_headers({k: v for k, v in resp.headers.items() if k.lower() != "content-type"}),
+                **extra_headers,
             },
         )
         await response.prepare(request)
@@ -438,15 +516,9 @@ async def _forward_stream(
             keepalive_seconds=server.keepalive_seconds,
             max_event_bytes=server.max_event_bytes,
         )
-        record.add_actions(rewriter.actions, "output")
         if outcome.first_text_at is not None:
             record.ttft_ms = (outcome.first_text_at - record.started) * 1000
         record.error = outcome.error or ("client_closed_request" if outcome.client_gone else None)
-        usage = _usage_from(rewriter.usage)
-        if usage is None:
-            texts = rewriter.completion_texts()
-            usage = (_prompt_text_count(parsed), sum(count_text(parsed.model, t) for t in texts))
-        record.prompt_tokens, record.completion_tokens = usage
         if not outcome.client_gone:
             try:
                 await response.write_eof()
@@ -459,6 +531,13 @@ async def _forward_stream(
         else:
             # A block, an error or a client that left: drop the upstream connection at once.
             resp.close()
+        if rewriter is not None:
+            # Also when the client left (the handler is being cancelled): what was sent counts.
+            record.add_actions(rewriter.actions, "output")
+            usage = _usage_from(rewriter.usage)
+            if usage is None:
+                usage = (record.prompt_tokens, sum(count_text(parsed.model, t) for t in rewriter.completion_texts()))
+            record.prompt_tokens, record.completion_tokens = usage
 
 
 _PATHS = {CHAT: "/chat/completions", COMPLETIONS: "/completions", EMBEDDINGS: "/embeddings"}
@@ -482,9 +561,9 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/models", list_models)
-    app.router.add_post("/v1/chat/completions", proxy_handler(CHAT, "/chat/completions"))
-    app.router.add_post("/v1/completions", proxy_handler(COMPLETIONS, "/completions"))
-    app.router.add_post("/v1/embeddings", proxy_handler(EMBEDDINGS, "/embeddings"))
+    app.router.add_post("/v1/chat/completions", proxy_handler(CHAT))
+    app.router.add_post("/v1/completions", proxy_handler(COMPLETIONS))
+    app.router.add_post("/v1/embeddings", proxy_handler(EMBEDDINGS))
     return app
 
 

@@ -10,6 +10,8 @@ import pytest
 import yaml
 from aiohttp import web
 
+pytest_plugins = ["tests.conftest_redis"]
+
 from proxy.auth import hash_key
 from proxy.config import load_settings
 from proxy.mock_upstream import MOCK_STATE, create_mock_app

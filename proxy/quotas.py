@@ -1,0 +1,87 @@
+"""Holding a request to its quotas: the shell between the request path and the store.
+
+The arithmetic lives in ``proxy.accounting`` and is pure; this module only
+turns a caller into the subjects limits apply to, maps the store's answers to
+HTTP (429 with the retry headers, 503 when the store is down and the config
+says fail closed), and settles on the way out whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from .accounting import LedgerEntry, QuotaStore, Rejection, Reservation, StoreUnavailable, Subject
+from .auth import Caller
+from .config import AccountingConfig
+from .errors import GatewayError
+from .logs import log
+
+
+def subjects_of(caller: Caller) -> tuple[Subject, Subject]:
+    return Subject("key", caller.key_id, caller.key.limits), Subject("team", caller.team_name, caller.team.limits)
+
+
+def limits_tokens(caller: Caller) -> bool:
+    """Whether any token budget applies, so the answer's length must be capped upstream."""
+    return any(
+        limit is not None
+        for limits in (caller.key.limits, caller.team.limits)
+        for limit in (limits.tokens_per_minute, limits.tokens_per_day, limits.tokens_per_month)
+    )
+
+
+class Quotas:
+    """Reserve before the upstream call, settle after it; the store decides."""
+
+    def __init__(self, store: QuotaStore, config: AccountingConfig):
+        self.store = store
+        self.config = config
+        # Settles run as tasks of their own so a client that leaves cannot cancel them.
+        self._settling: set[asyncio.Task[None]] = set()
+
+    async def reserve(self, caller: Caller, prompt_tokens: int, max_tokens: int) -> Reservation | None:
+        """Admit or raise 429/503. ``None`` means admitted unmetered (store down, fail open)."""
+        try:
+            decision = await self.store.reserve(subjects_of(caller), prompt_tokens, max_tokens, time.time())
+        except StoreUnavailable as exc:
+            if self.config.on_store_error == "reject":
+                log.warning("quota store unavailable; request refused", error=str(exc))
+                raise GatewayError(
+                    503, "store_unavailable", "The quota store is unavailable; the request was not admitted."
+                ) from None
+            log.warning("quota store unavailable; request admitted unmetered", error=str(exc))
+            return None
+        if isinstance(decision, Rejection):
+            raise GatewayError(429, decision.code, decision.message, headers=decision.headers())
+        return decision
+
+    def settle(self, reservation: Reservation | None, entry: LedgerEntry) -> None:
+        """Settle in the background; ``drain`` waits for every settle at shutdown."""
+        task = asyncio.get_running_loop().create_task(self._settle(reservation, entry))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, reservation: Reservation | None, entry: LedgerEntry) -> None:
+        try:
+            if reservation is None:
+                await self.store.record(entry)
+            else:
+                await self.store.settle(reservation, entry.prompt_tokens, entry.completion_tokens, time.time(), entry)
+        except StoreUnavailable as exc:
+            log.warning("quota store unavailable; usage not settled", error=str(exc), request_id=entry.request_id)
+
+    async def drain(self) -> None:
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
+
+    async def ready(self) -> bool:
+        try:
+            await self.store.ping()
+        except StoreUnavailable:
+            return False
+        return True
+
+    async def close(self) -> None:
+        await self.drain()
+        await self.store.close()

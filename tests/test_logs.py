@@ -1,0 +1,58 @@
+"""One JSON log line per request, with the design's fields, and never a secret."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import openai
+import pytest
+
+from conftest import ADMIN, ALICE, UPSTREAM_KEY
+from proxy.logs import configure_logging
+
+
+@pytest.fixture
+def captured_logs():
+    buffer = io.StringIO()
+    configure_logging("info", "json", stream=buffer)
+    yield buffer
+    configure_logging("info", "console")
+
+
+def request_lines(buffer):
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines() if line.strip()]
+    return [line for line in lines if line["event"] == "request"]
+
+
+async def test_one_summary_line_per_request_with_every_field(gateway, captured_logs):
+    api = openai.AsyncOpenAI(base_url=gateway.v1, api_key=ALICE, max_retries=0)
+    await api.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "log me please"}])
+    stream = await api.chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "stream me"}], stream=True
+    )
+    async for _ in stream:
+        pass
+    with pytest.raises(openai.AuthenticationError):
+        await openai.AsyncOpenAI(base_url=gateway.v1, api_key="sk-wrong-secret-777", max_retries=0).models.list()
+    with pytest.raises(openai.AuthenticationError):
+        await openai.AsyncOpenAI(base_url=gateway.v1, api_key="sk-wrong-secret-777", max_retries=0).chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}]
+        )
+
+    lines = request_lines(captured_logs)
+    assert len(lines) == 3  # two answered, one refused (GET /v1/models is not a proxied request)
+    plain, streamed, refused = lines
+    for line in lines:
+        for name in ("request_id", "team", "key", "model", "stream", "status", "prompt_tokens",
+                     "completion_tokens", "duration_ms", "ttft_ms", "moderation", "upstream", "timestamp", "level"):
+            assert name in line, name
+    assert plain["status"] == 200 and plain["key"] == "alice" and plain["team"] == "research"
+    assert plain["prompt_tokens"] > 0 and plain["completion_tokens"] == 3
+    assert streamed["stream"] is True and streamed["ttft_ms"] is not None and streamed["completion_tokens"] == 2
+    assert refused["status"] == 401 and refused["key"] is None
+
+    text = captured_logs.getvalue()
+    for secret in (ALICE, ADMIN, UPSTREAM_KEY, "sk-wrong-secret-777"):
+        assert secret not in text
+    assert "log me please" not in text  # no prompt text at info

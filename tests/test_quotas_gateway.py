@@ -1,0 +1,144 @@
+"""Quotas through the gateway: 429s the SDK understands, clamping, headers, store outages."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from conftest import ALICE, gateway_config
+from proxy.tokens import count_chat_prompt, count_text
+
+
+def client(gw, key=ALICE):
+    return openai.AsyncOpenAI(base_url=gw.v1, api_key=key, max_retries=0)
+
+
+def chat(text="hello", **extra):
+    return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}], **extra}
+
+
+def limited(mock_url, team_limits=None, key_limits=None, **accounting):
+    config = gateway_config(mock_url)
+    if team_limits:
+        config["teams"][0]["limits"] = team_limits
+    if key_limits:
+        config["keys"][0]["limits"] = key_limits
+    config["accounting"] = {"store": "memory", **accounting}
+    return config
+
+
+async def test_requests_per_minute_gives_429_with_retry_headers(mock_upstream, start_gateway):
+    gw = await start_gateway(limited(mock_upstream.url, team_limits={"requests_per_minute": 2}))
+    api = client(gw)
+    first = await api.chat.completions.with_raw_response.create(**chat())
+    assert first.headers["x-ratelimit-limit-requests"] == "2"
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-reset-requests"].endswith("s")
+    await api.chat.completions.create(**chat())
+    with pytest.raises(openai.RateLimitError) as caught:
+        await api.chat.completions.create(**chat())
+    assert caught.value.code == "rate_limit_exceeded"
+    headers = caught.value.response.headers
+    assert 1 <= int(headers["retry-after"]) <= 60
+    assert int(headers["retry-after-ms"]) > 0
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert len(mock_upstream.state.requests) == 2  # the refused request never went upstream
+
+
+async def test_daily_budget_is_insufficient_quota_and_not_retryable(mock_upstream, start_gateway):
+    gw = await start_gateway(limited(mock_upstream.url, key_limits={"tokens_per_day": 40}))
+    await client(gw).chat.completions.create(**chat("a few words here", max_tokens=5))
+    with pytest.raises(openai.RateLimitError) as caught:
+        await client(gw).chat.completions.create(**chat("x " * 60, max_tokens=5))
+    assert caught.value.code == "insufficient_quota"
+    assert caught.value.response.headers["x-should-retry"] == "false"
+
+
+async def test_max_tokens_is_clamped_to_what_is_left(mock_upstream, start_gateway):
+    gw = await start_gateway(limited(mock_upstream.url, team_limits={"tokens_per_day": 100}))
+    answer = await client(gw).chat.completions.with_raw_response.create(**chat("hi"))
+    sent = mock_upstream.state.requests[-1]["body"]
+    # The prompt costs a handful of tokens; the default 4096 does not fit, so the answer is capped.
+    assert 1 <= sent["max_tokens"] < 100
+    assert int(answer.headers["x-ratelimit-limit-tokens"]) == 100
+    await client(gw).chat.completions.create(**chat("hi", max_completion_tokens=3))
+    sent = mock_upstream.state.requests[-1]["body"]
+    assert sent["max_completion_tokens"] == 3 and "max_tokens" not in sent
+
+
+async def test_no_token_limit_leaves_the_request_untouched(gateway, mock_upstream):
+    await client(gateway).chat.completions.create(**chat("hi"))
+    assert "max_tokens" not in mock_upstream.state.requests[-1]["body"]
+
+
+async def test_concurrency_limit(mock_upstream, start_gateway):
+    gw = await start_gateway(limited(mock_upstream.url, key_limits={"max_concurrent_requests": 1}))
+    api = client(gw)
+    slow = asyncio.create_task(api.chat.completions.create(**chat("slow"), extra_body={"mock": {"stall_before_ms": 500}}))
+    await asyncio.sleep(0.2)
+    with pytest.raises(openai.RateLimitError):
+        await api.chat.completions.create(**chat())
+    await slow
+    await asyncio.sleep(0.05)  # the settle of the slow request runs in the background
+    await api.chat.completions.create(**chat())  # the slot was released
+
+
+async def test_streamed_usage_settles_against_the_budget(mock_upstream, start_gateway):
+    gw = await start_gateway(limited(mock_upstream.url, team_limits={"tokens_per_minute": 10_000}))
+    stream = await client(gw).chat.completions.create(**chat("one two three"), stream=True)
+    async for _ in stream:
+        pass
+    await asyncio.sleep(0.05)
+    answer = await client(gw).chat.completions.with_raw_response.create(**chat("x", max_tokens=1))
+    remaining = int(answer.headers["x-ratelimit-remaining-tokens"])
+    # Settled to the real usage (prompt + 3 answer tokens), not the 4096 reserved.
+    assert 10_000 - 60 < remaining < 10_000
+
+
+async def test_recorded_usage_equals_the_upstream_usage(mock_upstream, start_gateway):
+    gw = await start_gateway(limited(mock_upstream.url))
+    api = client(gw)
+    whole = await api.chat.completions.create(**chat("count these words"))
+    stream = await api.chat.completions.create(
+        **chat("and these streamed words"), stream=True, stream_options={"include_usage": True}
+    )
+    streamed = [c.usage async for c in stream if c.usage][0]
+    # No usage from upstream: the gateway counts with tiktoken, as the mock would have.
+    stream = await api.chat.completions.create(**chat("no usage here"), stream=True, extra_body={"mock": {"usage": False}})
+    async for _ in stream:
+        pass
+    messages = [{"role": "user", "content": "no usage here"}]
+    fallback_prompt = count_chat_prompt("gpt-4o-mini", messages)
+    fallback_completion = count_text("gpt-4o-mini", "no usage here")
+    await gw.server.gateway.runtime.quotas.drain()
+    report = (await gw.server.gateway.runtime.quotas.store.usage(now=time.time())).to_dict("day")
+    totals = report["keys"]["alice"]
+    assert totals["requests"] == 3
+    assert totals["prompt_tokens"] == whole.usage.prompt_tokens + streamed.prompt_tokens + fallback_prompt
+    assert totals["completion_tokens"] == whole.usage.completion_tokens + streamed.completion_tokens + fallback_completion
+
+
+async def test_store_down_rejects_or_allows(mock_upstream, start_gateway, redis_server_factory):
+    redis = redis_server_factory()
+    closed = await start_gateway(limited(mock_upstream.url, team_limits={"requests_per_minute": 100}, store="redis", redis_url=redis.url))
+    opened = await start_gateway(
+        limited(mock_upstream.url, team_limits={"requests_per_minute": 100}, store="redis", redis_url=redis.url, on_store_error="allow")
+    )
+    await client(closed).chat.completions.create(**chat())
+    redis.stop()
+    with pytest.raises(openai.InternalServerError) as caught:
+        await client(closed).chat.completions.create(**chat())
+    assert caught.value.status_code == 503 and caught.value.code == "store_unavailable"
+    await client(opened).chat.completions.create(**chat())  # fail open
+    async with aiohttp.ClientSession() as session:
+        async with session.get(closed.url + "/readyz") as resp:
+            assert resp.status == 503
+    redis.start()
+    await client(closed).chat.completions.create(**chat())  # recovered by itself
+    async with aiohttp.ClientSession() as session:
+        async with session.get(closed.url + "/readyz") as resp:
+            assert resp.status == 200
