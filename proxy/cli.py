@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
+import time
 from collections.abc import Sequence
 
+from .accounting import StoreUnavailable, UsageReport, format_usage_table, open_store
 from .auth import hash_key
 from .config import CONFIG_PATH_ENV, ConfigError, Settings, load_settings
 from .logs import configure_logging
@@ -67,6 +70,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_usage(args: argparse.Namespace) -> int:
+    path = _config_path(args)
+    if not path:
+        print(f"sluice usage: give --config PATH or set {CONFIG_PATH_ENV}", file=sys.stderr)
+        return 2
+    try:
+        settings = load_settings(path)
+    except ConfigError as exc:
+        _print_problems(exc.problems)
+        return 1
+    try:
+        report = asyncio.run(_read_usage(settings, args.team))
+    except StoreUnavailable as exc:
+        print(f"sluice usage: the {settings.accounting.store} store is unavailable: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_usage_table(report))
+    return 0
+
+
+async def _read_usage(settings: Settings, team: str | None) -> UsageReport:
+    store = await open_store(settings.accounting, read_only=True)
+    try:
+        return await store.usage(now=time.time(), team=team)
+    finally:
+        await store.close()
+
+
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
     from .mock_upstream import run_mock_upstream
 
@@ -114,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check-config", help="validate a config: exit 0, or 1 with every problem")
     check.add_argument("path")
     check.set_defaults(run=cmd_check_config)
+
+    usage = commands.add_parser("usage", help="the usage ledger: totals per team and key, today and this month")
+    usage.add_argument("--config", help=f"the YAML config (default: ${CONFIG_PATH_ENV})")
+    usage.add_argument("--team", help="only this team and its keys")
+    usage.add_argument("--json", action="store_true", help="JSON instead of a table")
+    usage.set_defaults(run=cmd_usage)
 
     hasher = commands.add_parser("hash-key", help="the sha256 hex to put in a key entry")
     hasher.add_argument("secret")

@@ -21,7 +21,7 @@ import aiohttp
 import structlog
 from aiohttp import hdrs, web
 
-from .accounting import LedgerEntry, Reservation, open_store
+from .accounting import LedgerEntry, Reservation, StoreUnavailable, open_store
 from .auth import Caller, KeyRing
 from .config import Settings
 from .errors import GatewayError, error_body, invalid_request
@@ -293,6 +293,26 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": data})
 
 
+async def admin_usage(request: web.Request) -> web.Response:
+    """``GET /admin/usage?team=&key=&period=day|month``: the ledger's totals, admin key only."""
+    runtime = request.app[GATEWAY].runtime
+    if runtime.settings.admin.key_sha256 is None:
+        raise GatewayError(404, "not_found", "The admin API is disabled: no admin key is configured.")
+    if not runtime.keyring.is_admin(request.headers.get(hdrs.AUTHORIZATION)):
+        raise GatewayError(401, "invalid_api_key", "The admin API needs the admin key.")
+    period = request.query.get("period") or None
+    if period not in (None, "day", "month"):
+        raise invalid_request("'period' must be 'day' or 'month'.", "period")
+    assert runtime.quotas is not None
+    try:
+        report = await runtime.quotas.store.usage(
+            now=time.time(), team=request.query.get("team") or None, key=request.query.get("key") or None
+        )
+    except StoreUnavailable:
+        raise GatewayError(503, "store_unavailable", "The usage store is unavailable.") from None
+    return json_response(report.to_dict(period))
+
+
 def _refuse_when_shutting_down(gateway: Gateway) -> None:
     if gateway.shutting_down:
         raise GatewayError(503, "shutting_down", "The gateway is shutting down; retry on another replica.")
@@ -561,6 +581,7 @@ def create_app(settings: Settings) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/admin/usage", admin_usage)
     app.router.add_post("/v1/chat/completions", proxy_handler(CHAT))
     app.router.add_post("/v1/completions", proxy_handler(COMPLETIONS))
     app.router.add_post("/v1/embeddings", proxy_handler(EMBEDDINGS))
