@@ -60,3 +60,11 @@ class GatewayError(Exception):
 
 def invalid_request(message: str, param: str | None = None) -> GatewayError:
     return GatewayError(400, "invalid_request", message, param)
+
+
+class UpstreamFailure(GatewayError):
+    """A failure of the upstream before the first byte; ``kind`` labels the error metric."""
+
+    def __init__(self, status: int, code: str, message: str, kind: str):
+        super().__init__(status, code, message)
+        self.kind = kind

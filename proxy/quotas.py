@@ -18,6 +18,14 @@ from .errors import GatewayError
 from .logs import log
 
 
+class QuotaRejected(GatewayError):
+    """A 429 from a limit; ``limit`` names it for the rejection metric."""
+
+    def __init__(self, rejection: Rejection):
+        super().__init__(429, rejection.code, rejection.message, headers=rejection.headers())
+        self.limit = rejection.limit_name
+
+
 def subjects_of(caller: Caller) -> tuple[Subject, Subject]:
     return Subject("key", caller.key_id, caller.key.limits), Subject("team", caller.team_name, caller.team.limits)
 
@@ -53,7 +61,7 @@ class Quotas:
             log.warning("quota store unavailable; request admitted unmetered", error=str(exc))
             return None
         if isinstance(decision, Rejection):
-            raise GatewayError(429, decision.code, decision.message, headers=decision.headers())
+            raise QuotaRejected(decision)
         return decision
 
     def settle(self, reservation: Reservation | None, entry: LedgerEntry) -> None:

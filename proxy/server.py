@@ -24,14 +24,24 @@ from aiohttp import hdrs, web
 from .accounting import LedgerEntry, Reservation, StoreUnavailable, open_store
 from .auth import Caller, KeyRing
 from .config import Settings
-from .errors import GatewayError, error_body, invalid_request
+from .errors import GatewayError, UpstreamFailure, invalid_request
 from .logs import log
 from .moderation import ModerationEngine
-from .quotas import Quotas, limits_tokens
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
+from .quotas import QuotaRejected, Quotas, limits_tokens
+from .record import RequestRecord
 from .relay import StreamOutcome, moderate_whole_answer, relay_stream
 from .stream_rewriter import StreamRewriter
 from .tokens import count_chat_prompt, count_prompt, count_text, set_encodings_dir
-from .upstream import Router, Upstream, forwarded_response_headers, upstream_timeout, upstream_unreachable
+from .upstream import (
+    Router,
+    Upstream,
+    forwarded_response_headers,
+    upstream_bad_answer,
+    upstream_timeout,
+    upstream_unreachable,
+)
 from .validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, parse_request
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -64,66 +74,12 @@ class Runtime:
             await self.quotas.close()
 
 
-@dataclass(slots=True)
-class RequestRecord:
-    """What the one log line of a request says; filled in as the request goes."""
-
-    request_id: str
-    endpoint: str
-    started: float = field(default_factory=time.monotonic)
-    team: str | None = None
-    key: str | None = None
-    model: str | None = None
-    stream: bool = False
-    status: int = 500
-    error: str | None = None
-    upstream: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_ms: float | None = None
-    upstream_wait: float = 0.0
-    moderation: list[dict[str, str]] = field(default_factory=list)
-
-    def add_actions(self, actions: Any, direction: str) -> None:
-        for action in actions:
-            self.moderation.append({"rule": action.rule, "action": action.action, "direction": direction})
-
-    def ledger_entry(self) -> LedgerEntry:
-        return LedgerEntry(
-            time=time.time(),
-            request_id=self.request_id,
-            key=self.key or "",
-            team=self.team or "",
-            model=self.model or "",
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
-            status=self.status,
-            moderated=bool(self.moderation),
-        )
-
-    def fields(self) -> dict[str, Any]:
-        return {
-            "endpoint": self.endpoint,
-            "team": self.team,
-            "key": self.key,
-            "model": self.model,
-            "stream": self.stream,
-            "status": self.status,
-            "error": self.error,
-            "upstream": self.upstream,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "duration_ms": round((time.monotonic() - self.started) * 1000, 2),
-            "ttft_ms": None if self.ttft_ms is None else round(self.ttft_ms, 2),
-            "moderation": self.moderation,
-        }
-
-
 class Gateway:
     """The app-wide state: the current runtime and whether we are shutting down."""
 
     def __init__(self, settings: Settings):
         self.runtime = Runtime(settings)
+        self.metrics = Metrics()
         self.shutting_down = False
         self.inflight = 0
         self._idle = asyncio.Event()
@@ -263,6 +219,11 @@ def _moderate_input(runtime: Runtime, parsed: ParsedRequest, record: RequestReco
 
 
 # -- handlers ---------------------------------------------------------------
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[GATEWAY].metrics.exposition()
+    return web.Response(body=body, headers={hdrs.CONTENT_TYPE: METRICS_CONTENT_TYPE})
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -419,6 +380,10 @@ def proxy_handler(endpoint: str) -> Any:
             return response
         except GatewayError as exc:
             record.status, record.error = exc.status, exc.code
+            if isinstance(exc, QuotaRejected):
+                record.quota_limit = exc.limit
+            elif isinstance(exc, UpstreamFailure):
+                record.upstream_error = exc.kind
             raise
         except asyncio.CancelledError:
             record.status, record.error = 499, "client_closed_request"
@@ -427,6 +392,7 @@ def proxy_handler(endpoint: str) -> Any:
             gateway.request_ended()
             if admitted:
                 runtime.quotas.settle(reservation, record.ledger_entry())  # type: ignore[union-attr]
+            gateway.metrics.observe(record)
             log.info("request", **record.fields())
 
     handler.__name__ = f"proxy_{endpoint.replace('.', '_')}"
@@ -454,8 +420,10 @@ async def _forward_whole(
     out_headers = forwarded_response_headers(upstream_headers)
     if status == 200:
         answer = _settle_whole_answer(runtime, parsed, answer, record)
-    overhead = time.monotonic() - record.started - record.upstream_wait
-    out_headers["x-sluice-overhead-ms"] = f"{overhead * 1000:.2f}"
+    if status >= 500:
+        record.upstream_error = "http_5xx"
+    record.overhead_seconds = time.monotonic() - record.started - record.upstream_wait
+    out_headers["x-sluice-overhead-ms"] = f"{record.overhead_seconds * 1000:.2f}"
     return web.Response(body=answer, status=status, headers=out_headers)
 
 
@@ -464,9 +432,9 @@ def _settle_whole_answer(runtime: Runtime, parsed: ParsedRequest, answer: bytes,
     try:
         document = json.loads(answer)
     except ValueError:
-        raise GatewayError(502, "upstream_error", "The upstream answered with a body that is not JSON.") from None
+        raise upstream_bad_answer("The upstream answered with a body that is not JSON.") from None
     if not isinstance(document, dict):
-        raise GatewayError(502, "upstream_error", "The upstream answered with a body that is not a JSON object.")
+        raise upstream_bad_answer("The upstream answered with a body that is not a JSON object.")
     usage = _usage_from(document.get("usage"))
     if usage is None:
         usage = (record.prompt_tokens, _count_whole_completion(parsed, document))
@@ -505,6 +473,8 @@ async def _forward_stream(
     resp = await upstream.post(_PATHS[parsed.endpoint], body, headers)
     rewriter: StreamRewriter | None = None
     outcome: StreamOutcome | None = None
+    active_streams = request.app[GATEWAY].metrics.active_streams
+    streaming = False
     try:
         if resp.status != 200 or "text/event-stream" not in resp.headers.get(hdrs.CONTENT_TYPE, ""):
             # An upstream error (or an answer that is not a stream) passes through as it came.
@@ -514,6 +484,8 @@ async def _forward_stream(
                 raise upstream_timeout(upstream.name) from None
             except aiohttp.ClientError as exc:
                 raise upstream_unreachable(upstream.name, exc) from None
+            if resp.status >= 500:
+                record.upstream_error = "http_5xx"
             return web.Response(
                 body=answer, status=resp.status, headers={**forwarded_response_headers(resp.headers), **extra_headers}
             )
@@ -528,6 +500,8 @@ async def _forward_stream(
             },
         )
         await response.prepare(request)
+        active_streams.inc()
+        streaming = True
         rewriter = StreamRewriter(runtime.moderation, chat=parsed.endpoint == CHAT, client_wants_usage=parsed.client_wants_usage)
         outcome = await relay_stream(
             resp,
@@ -539,6 +513,8 @@ async def _forward_stream(
         if outcome.first_text_at is not None:
             record.ttft_ms = (outcome.first_text_at - record.started) * 1000
         record.error = outcome.error or ("client_closed_request" if outcome.client_gone else None)
+        if outcome.error:
+            record.upstream_error = "mid_stream_timeout" if outcome.error == "upstream_timeout" else "mid_stream"
         if not outcome.client_gone:
             try:
                 await response.write_eof()
@@ -546,6 +522,8 @@ async def _forward_stream(
                 pass
         return response
     finally:
+        if streaming:
+            active_streams.dec()
         if outcome is not None and outcome.completed:
             resp.release()
         else:
@@ -580,6 +558,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/admin/usage", admin_usage)
     app.router.add_post("/v1/chat/completions", proxy_handler(CHAT))

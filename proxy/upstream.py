@@ -14,7 +14,7 @@ import aiohttp
 
 from .auth import model_matches
 from .config import UpstreamConfig
-from .errors import GatewayError
+from .errors import GatewayError, UpstreamFailure
 
 # Request headers a client may send on to the provider; everything else
 # (Authorization above all, hop-by-hop headers, cookies) stays at the gateway.
@@ -93,13 +93,17 @@ class Upstream:
             raise upstream_unreachable(self.name, exc) from None
 
 
-def upstream_timeout(name: str) -> GatewayError:
-    return GatewayError(504, "upstream_timeout", f"The upstream {name!r} did not answer in time.")
+def upstream_timeout(name: str) -> UpstreamFailure:
+    return UpstreamFailure(504, "upstream_timeout", f"The upstream {name!r} did not answer in time.", "timeout")
 
 
-def upstream_unreachable(name: str, exc: BaseException) -> GatewayError:
+def upstream_unreachable(name: str, exc: BaseException) -> UpstreamFailure:
     reason = type(exc).__name__
-    return GatewayError(502, "upstream_error", f"The upstream {name!r} could not be reached ({reason}).")
+    return UpstreamFailure(502, "upstream_error", f"The upstream {name!r} could not be reached ({reason}).", "connect")
+
+
+def upstream_bad_answer(message: str) -> UpstreamFailure:
+    return UpstreamFailure(502, "upstream_error", message, "bad_response")
 
 
 class Router:

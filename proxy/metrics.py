@@ -1,0 +1,76 @@
+"""Prometheus metrics, with the names and labels of DESIGN.md.
+
+Each gateway owns its registry rather than using the process-global one, so
+several gateways can live in one process (the tests do) and a config reload
+never resets a counter. Everything is recorded once per request, when it
+ends, from its ``RequestRecord``: nothing is counted per chunk.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Time to first token: 10 ms to 30 s. Whole requests: up to 10 minutes of streaming.
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30)
+DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# The gateway's own time: a tenth of a millisecond to a second.
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from .record import RequestRecord
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "sluice_requests", "Requests answered.", ("team", "key", "model", "endpoint", "status"), registry=r
+        )
+        self.tokens = Counter("sluice_tokens", "Tokens used.", ("team", "key", "model", "kind"), registry=r)
+        self.moderation_actions = Counter(
+            "sluice_moderation_actions", "Moderation rule actions.", ("rule", "action", "direction"), registry=r
+        )
+        self.quota_rejections = Counter("sluice_quota_rejections", "Requests refused by a limit.", ("team", "limit"), registry=r)
+        self.request_duration = Histogram(
+            "sluice_request_duration_seconds", "Whole request time.", ("endpoint", "model"), buckets=DURATION_BUCKETS, registry=r
+        )
+        self.time_to_first_token = Histogram(
+            "sluice_time_to_first_token_seconds", "Time to the first streamed answer text.", ("model",),
+            buckets=TTFT_BUCKETS, registry=r,
+        )
+        self.upstream_errors = Counter("sluice_upstream_errors", "Upstream failures.", ("upstream", "kind"), registry=r)
+        self.overhead = Histogram(
+            "sluice_overhead_seconds", "Gateway time, upstream wait excluded.", ("endpoint",), buckets=OVERHEAD_BUCKETS, registry=r
+        )
+        self.active_streams = Gauge("sluice_active_streams", "Streams being relayed now.", registry=r)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def observe(self, record: RequestRecord) -> None:
+        """Count a finished request. Unrouted requests get an empty model label, so a
+        client cannot grow the label set by inventing model names."""
+        model = record.model if record.upstream else ""
+        team, key = record.team or "", record.key or ""
+        self.requests.labels(team, key, model, record.endpoint, str(record.status)).inc()
+        if record.prompt_tokens:
+            self.tokens.labels(team, key, model, "prompt").inc(record.prompt_tokens)
+        if record.completion_tokens:
+            self.tokens.labels(team, key, model, "completion").inc(record.completion_tokens)
+        for action in record.moderation:
+            self.moderation_actions.labels(action["rule"], action["action"], action["direction"]).inc()
+        if record.quota_limit:
+            self.quota_rejections.labels(team, record.quota_limit).inc()
+        if record.upstream_error and record.upstream:
+            self.upstream_errors.labels(record.upstream, record.upstream_error).inc()
+        self.request_duration.labels(record.endpoint, model).observe(record.elapsed())
+        if record.ttft_ms is not None:
+            self.time_to_first_token.labels(model).observe(record.ttft_ms / 1000)
+        if record.overhead_seconds is not None:
+            self.overhead.labels(record.endpoint).observe(record.overhead_seconds)
