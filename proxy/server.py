@@ -33,7 +33,7 @@ from .quotas import QuotaRejected, Quotas, limits_tokens
 from .record import RequestRecord
 from .relay import StreamOutcome, moderate_whole_answer, relay_stream
 from .stream_rewriter import StreamRewriter
-from .tokens import count_chat_prompt, count_prompt, count_text, set_encodings_dir
+from .tokens import count_chat_prompt, count_prompt, count_text, preload, set_encodings_dir
 from .upstream import (
     Router,
     Upstream,
@@ -65,6 +65,8 @@ class Runtime:
 
     async def start(self) -> None:
         set_encodings_dir(self.settings.accounting.encodings_dir)
+        # Loading the encodings takes about a second: do it now, off the loop, not on the first request.
+        await asyncio.to_thread(preload)
         self.quotas = Quotas(await open_store(self.settings.accounting), self.settings.accounting)
         await self.router.start()
 
