@@ -63,7 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     configure_logging(settings.logging.level, settings.logging.format)
     try:
-        asyncio.run(serve(settings, args.host, args.port))
+        asyncio.run(serve(settings, args.host, args.port, config_path=path))
     except OSError as exc:  # the port is taken, the host is not ours
         print(f"sluice serve: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1

@@ -41,6 +41,7 @@ class ServerConfig(_Strict):
     keepalive_seconds: float = Field(15, gt=0)
     max_event_bytes: int = Field(1024 * 1024, gt=0)
     shutdown_grace_seconds: float = Field(30, ge=0)
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # serve /metrics here instead of on `port`
 
 
 class UpstreamConfig(_Strict):

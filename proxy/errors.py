@@ -26,6 +26,7 @@ _TYPE_BY_CODE = {
     "internal_error": "server_error",
     "not_found": "invalid_request_error",
     "method_not_allowed": "invalid_request_error",
+    "invalid_config": "invalid_request_error",
 }
 
 

@@ -14,28 +14,26 @@ import re
 import signal
 import time
 import uuid
-from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import structlog
 from aiohttp import hdrs, web
 
-from .accounting import LedgerEntry, Reservation, StoreUnavailable, open_store
-from .auth import Caller, KeyRing
+from .accounting import Reservation, StoreUnavailable
+from .auth import Caller
 from .config import Settings
 from .errors import GatewayError, UpstreamFailure, invalid_request
+from .gateway import Gateway, Runtime
 from .logs import log
-from .moderation import ModerationEngine
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .metrics import Metrics
-from .quotas import QuotaRejected, Quotas, limits_tokens
+from .quotas import QuotaRejected, limits_tokens
 from .record import RequestRecord
 from .relay import StreamOutcome, moderate_whole_answer, relay_stream
 from .stream_rewriter import StreamRewriter
-from .tokens import count_chat_prompt, count_prompt, count_text, preload, set_encodings_dir
+from .tokens import count_chat_prompt, count_prompt, count_text
 from .upstream import (
-    Router,
     Upstream,
     forwarded_response_headers,
     upstream_bad_answer,
@@ -46,62 +44,8 @@ from .validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, parse_requ
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
-GATEWAY = web.AppKey("gateway", "Gateway")
+GATEWAY = web.AppKey("gateway", Gateway)
 _JSON = "application/json"
-
-
-class Runtime:
-    """Everything built from one config. A reload (later) swaps the whole object."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.keyring = KeyRing(settings)
-        self.router = Router([Upstream(u) for u in settings.upstreams])
-        self.moderation = ModerationEngine.from_config(settings.moderation) if settings.moderation.rules else None
-        self.quotas: Quotas | None = None
-
-    def moderates(self, direction: str) -> bool:
-        return self.moderation is not None and self.moderation.has_rules(direction)
-
-    async def start(self) -> None:
-        set_encodings_dir(self.settings.accounting.encodings_dir)
-        # Loading the encodings takes about a second: do it now, off the loop, not on the first request.
-        await asyncio.to_thread(preload)
-        self.quotas = Quotas(await open_store(self.settings.accounting), self.settings.accounting)
-        await self.router.start()
-
-    async def close(self) -> None:
-        await self.router.close()
-        if self.quotas is not None:
-            await self.quotas.close()
-
-
-class Gateway:
-    """The app-wide state: the current runtime and whether we are shutting down."""
-
-    def __init__(self, settings: Settings):
-        self.runtime = Runtime(settings)
-        self.metrics = Metrics()
-        self.shutting_down = False
-        self.inflight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    def request_started(self) -> None:
-        self.inflight += 1
-        self._idle.clear()
-
-    def request_ended(self) -> None:
-        self.inflight -= 1
-        if self.inflight == 0:
-            self._idle.set()
-
-    async def wait_idle(self) -> None:
-        await self._idle.wait()
-
-    @property
-    def settings(self) -> Settings:
-        return self.runtime.settings
 
 
 # -- middleware -------------------------------------------------------------
@@ -236,8 +180,7 @@ async def readyz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     if gateway.shutting_down:
         return json_response({"status": "shutting_down"}, status=503)
-    quotas = gateway.runtime.quotas
-    if quotas is None or not await quotas.ready():
+    if not await gateway.quotas.ready():
         return json_response({"status": "store_unavailable"}, status=503)
     return json_response({"status": "ready"})
 
@@ -256,19 +199,31 @@ async def list_models(request: web.Request) -> web.Response:
     return json_response({"object": "list", "data": data})
 
 
-async def admin_usage(request: web.Request) -> web.Response:
-    """``GET /admin/usage?team=&key=&period=day|month``: the ledger's totals, admin key only."""
+def _require_admin(request: web.Request) -> None:
     runtime = request.app[GATEWAY].runtime
     if runtime.settings.admin.key_sha256 is None:
         raise GatewayError(404, "not_found", "The admin API is disabled: no admin key is configured.")
     if not runtime.keyring.is_admin(request.headers.get(hdrs.AUTHORIZATION)):
         raise GatewayError(401, "invalid_api_key", "The admin API needs the admin key.")
+
+
+async def admin_reload(request: web.Request) -> web.Response:
+    """``POST /admin/reload``: re-read the config file; a bad one is refused and the old one stays."""
+    _require_admin(request)
+    problems = await request.app[GATEWAY].reload()
+    if problems:
+        raise GatewayError(400, "invalid_config", "The new config was refused: " + "; ".join(problems))
+    return json_response({"status": "reloaded"})
+
+
+async def admin_usage(request: web.Request) -> web.Response:
+    """``GET /admin/usage?team=&key=&period=day|month``: the ledger's totals, admin key only."""
+    _require_admin(request)
     period = request.query.get("period") or None
     if period not in (None, "day", "month"):
         raise invalid_request("'period' must be 'day' or 'month'.", "period")
-    assert runtime.quotas is not None
     try:
-        report = await runtime.quotas.store.usage(
+        report = await request.app[GATEWAY].quotas.store.usage(
             now=time.time(), team=request.query.get("team") or None, key=request.query.get("key") or None
         )
     except StoreUnavailable:
@@ -345,11 +300,10 @@ def _usage_from(usage: Any) -> tuple[int, int] | None:
 def proxy_handler(endpoint: str) -> Any:
     async def handler(request: web.Request) -> web.StreamResponse:
         gateway = request.app[GATEWAY]
-        runtime = gateway.runtime  # this request keeps the config it started with
+        runtime = gateway.request_started()  # this request keeps the config it started with
         record = RequestRecord(request[REQUEST_ID_KEY], endpoint)
         admitted = False
         reservation: Reservation | None = None
-        gateway.request_started()
         try:
             _refuse_when_shutting_down(gateway)
             caller = runtime.keyring.authenticate(request.headers.get(hdrs.AUTHORIZATION))
@@ -361,9 +315,8 @@ def proxy_handler(endpoint: str) -> Any:
             record.upstream = upstream.name
             rewritten = runtime.moderates("input") and endpoint != EMBEDDINGS and _moderate_input(runtime, parsed, record)
             record.prompt_tokens = await _count_prompt(parsed, len(body))
-            assert runtime.quotas is not None
             requested = _requested_max_tokens(parsed, runtime.settings.accounting.default_max_tokens)
-            reservation = await runtime.quotas.reserve(caller, record.prompt_tokens, requested)
+            reservation = await gateway.quotas.reserve(caller, record.prompt_tokens, requested)
             admitted = True
             extra_headers = reservation.headers() if reservation is not None else {}
             if reservation is not None and endpoint != EMBEDDINGS and limits_tokens(caller):
@@ -391,9 +344,9 @@ def proxy_handler(endpoint: str) -> Any:
             record.status, record.error = 499, "client_closed_request"
             raise
         finally:
-            gateway.request_ended()
+            gateway.request_ended(runtime)
             if admitted:
-                runtime.quotas.settle(reservation, record.ledger_entry())  # type: ignore[union-attr]
+                gateway.quotas.settle(reservation, record.ledger_entry())
             gateway.metrics.observe(record)
             log.info("request", **record.fields())
 
@@ -546,55 +499,75 @@ _PATHS = {CHAT: "/chat/completions", COMPLETIONS: "/completions", EMBEDDINGS: "/
 # -- the application --------------------------------------------------------
 
 
-def create_app(settings: Settings) -> web.Application:
+def create_app(settings: Settings, config_path: str | Path | None = None) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=settings.server.max_body_bytes + 1)
-    gateway = Gateway(settings)
+    gateway = Gateway(settings, config_path)
     app[GATEWAY] = gateway
     app.on_response_prepare.append(_stamp_request_id)
 
     async def lifecycle(app: web.Application) -> Any:
-        await gateway.runtime.start()
+        await gateway.start()
         yield
-        await gateway.runtime.close()
+        await gateway.close()
 
     app.cleanup_ctx.append(lifecycle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
+    if settings.server.metrics_port is None:
+        app.router.add_get("/metrics", metrics)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/admin/usage", admin_usage)
+    app.router.add_post("/admin/reload", admin_reload)
     app.router.add_post("/v1/chat/completions", proxy_handler(CHAT))
     app.router.add_post("/v1/completions", proxy_handler(COMPLETIONS))
     app.router.add_post("/v1/embeddings", proxy_handler(EMBEDDINGS))
     return app
 
 
-class GatewayServer:
-    """The gateway listening on a socket: used by ``sluice serve`` and by the tests."""
+def create_metrics_app(gateway: Gateway) -> web.Application:
+    """The /metrics endpoint alone, for ``server.metrics_port``."""
+    app = web.Application()
+    app[GATEWAY] = gateway
+    app.router.add_get("/metrics", metrics)
+    return app
 
-    def __init__(self, settings: Settings, host: str | None = None, port: int | None = None):
+
+class GatewayServer:
+    """The gateway listening on its sockets: used by ``sluice serve``, ``sluice demo`` and the tests."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        host: str | None = None,
+        port: int | None = None,
+        config_path: str | Path | None = None,
+    ):
         self.settings = settings
         self.host = host if host is not None else settings.server.host
         self.port = port if port is not None else settings.server.port
-        self.app = create_app(settings)
-        self._runner: web.AppRunner | None = None
+        self.metrics_port = settings.server.metrics_port
+        self.app = create_app(settings, config_path)
+        self._runners: list[web.AppRunner] = []
 
     @property
     def gateway(self) -> Gateway:
         return self.app[GATEWAY]
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(
+        runner = web.AppRunner(
             self.app,
             handler_cancellation=True,  # a client that leaves cancels its handler, and so the upstream call
             shutdown_timeout=1.0,  # stop() has already given in-flight requests their grace period
             access_log=None,
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
-        await site.start()
-        if self.port == 0:
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        await runner.setup()
+        self._runners.append(runner)
+        self.port = await _listen(runner, self.host, self.port)
+        if self.metrics_port is not None:
+            metrics_runner = web.AppRunner(create_metrics_app(self.gateway), access_log=None)
+            await metrics_runner.setup()
+            self._runners.append(metrics_runner)
+            self.metrics_port = await _listen(metrics_runner, self.host, self.metrics_port)
 
     async def stop(self) -> None:
         """Refuse new requests (503, /readyz too), let in-flight ones finish within the grace period, close.
@@ -609,21 +582,35 @@ class GatewayServer:
             await asyncio.wait_for(gateway.wait_idle(), grace)
         except TimeoutError:
             log.warning("grace period over; cancelling requests still in flight", inflight=gateway.inflight)
-        if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
+        while self._runners:
+            await self._runners.pop().cleanup()
 
 
-async def serve(settings: Settings, host: str | None = None, port: int | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully."""
-    server = GatewayServer(settings, host, port)
+async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
+    site = web.TCPSite(runner, host, port, reuse_address=True)
+    await site.start()
+    server = site._server
+    return server.sockets[0].getsockname()[1] if port == 0 and server else port  # type: ignore[union-attr]
+
+
+async def serve(settings: Settings, host: str | None = None, port: int | None = None, config_path: str | None = None) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the config."""
+    server = GatewayServer(settings, host, port, config_path)
     await server.start()
-    log.info("listening", host=server.host, port=server.port, upstreams=[u.name for u in settings.upstreams])
+    log.info("listening", host=server.host, port=server.port, metrics_port=server.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads: set[asyncio.Task[list[str]]] = set()
+
+    def reload() -> None:
+        task = loop.create_task(server.gateway.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, reload)
     await stop.wait()
-    log.info("shutting down", grace_seconds=settings.server.shutdown_grace_seconds)
+    log.info("shutting down", grace_seconds=server.gateway.settings.server.shutdown_grace_seconds)
     await server.stop()
     log.info("stopped")

@@ -102,7 +102,7 @@ async def start_gateway(tmp_path, monkeypatch):
     async def start(config: dict[str, Any]) -> Gateway:
         path = tmp_path / f"sluice-{len(servers)}.yaml"
         path.write_text(yaml.safe_dump(config))
-        server = GatewayServer(load_settings(path), host="127.0.0.1", port=0)
+        server = GatewayServer(load_settings(path), host="127.0.0.1", port=0, config_path=path)
         await server.start()
         servers.append(server)
         return Gateway(f"http://127.0.0.1:{server.port}", server)

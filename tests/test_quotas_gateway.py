@@ -114,8 +114,8 @@ async def test_recorded_usage_equals_the_upstream_usage(mock_upstream, start_gat
     messages = [{"role": "user", "content": "no usage here"}]
     fallback_prompt = count_chat_prompt("gpt-4o-mini", messages)
     fallback_completion = count_text("gpt-4o-mini", "no usage here")
-    await gw.server.gateway.runtime.quotas.drain()
-    report = (await gw.server.gateway.runtime.quotas.store.usage(now=time.time())).to_dict("day")
+    await gw.server.gateway.quotas.drain()
+    report = (await gw.server.gateway.quotas.store.usage(now=time.time())).to_dict("day")
     totals = report["keys"]["alice"]
     assert totals["requests"] == 3
     assert totals["prompt_tokens"] == whole.usage.prompt_tokens + streamed.prompt_tokens + fallback_prompt

@@ -7,54 +7,11 @@ import json
 import os
 import signal
 import sys
-from pathlib import Path
 
 import aiohttp
-import yaml
 
-from conftest import ADMIN, ALICE, BOB, UPSTREAM_KEY, free_port, gateway_config
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-class GatewayProcess:
-    """``sluice serve`` in a child process, on its own port."""
-
-    def __init__(self, config: dict, path: Path):
-        self.port = free_port()
-        config = json.loads(json.dumps(config))
-        config["server"]["port"] = self.port
-        path.write_text(yaml.safe_dump(config))
-        self.path = path
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: asyncio.subprocess.Process | None = None
-
-    async def __aenter__(self) -> "GatewayProcess":
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "serve", "--config", str(self.path),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
-            env={**os.environ, "SLUICE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
-        )
-        async with aiohttp.ClientSession() as session:
-            for _ in range(400):
-                assert self.process.returncode is None, (await self.process.stderr.read()).decode()
-                try:
-                    async with session.get(self.url + "/readyz") as resp:
-                        if resp.status == 200:
-                            return self
-                except aiohttp.ClientConnectionError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise AssertionError("the gateway did not become ready")
-
-    async def __aexit__(self, *exc_info) -> None:
-        await self.stop()
-
-    async def stop(self, sig: int = signal.SIGTERM) -> int:
-        assert self.process is not None
-        if self.process.returncode is None:
-            self.process.send_signal(sig)
-        return await asyncio.wait_for(self.process.wait(), 20)
+from conftest import ADMIN, ALICE, BOB, UPSTREAM_KEY, gateway_config
+from processes import ROOT, GatewayProcess
 
 
 def chat(text="hi", **extra):
