@@ -152,6 +152,7 @@ def _moderate_input(runtime: Runtime, parsed: ParsedRequest, record: RequestReco
         result = runtime.moderation.moderate(text, "input")
         record.add_actions(result.actions, "input")
         if result.blocked is not None:
+            record.prompt_tokens = 0  # nothing went upstream
             raise GatewayError(
                 400,
                 "content_filter",
@@ -313,12 +314,12 @@ def proxy_handler(endpoint: str) -> Any:
             record.model, record.stream = parsed.model, parsed.stream
             upstream = _authorize(runtime, caller, parsed.model)
             record.upstream = upstream.name
-            rewritten = runtime.moderates("input") and endpoint != EMBEDDINGS and _moderate_input(runtime, parsed, record)
             record.prompt_tokens = await _count_prompt(parsed, len(body))
             requested = _requested_max_tokens(parsed, runtime.settings.accounting.default_max_tokens)
             reservation = await gateway.quotas.reserve(caller, record.prompt_tokens, requested)
             admitted = True
             extra_headers = reservation.headers() if reservation is not None else {}
+            rewritten = runtime.moderates("input") and _moderate_input(runtime, parsed, record)
             if reservation is not None and endpoint != EMBEDDINGS and limits_tokens(caller):
                 _cap_answer(parsed, reservation)
                 rewritten = True

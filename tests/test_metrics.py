@@ -29,7 +29,7 @@ def value(samples, name, **labels):
 
 async def test_counters_move_by_exactly_what_was_sent(mock_upstream, start_gateway):
     config = gateway_config(mock_upstream.url)
-    config["teams"][0]["limits"] = {"requests_per_minute": 2}  # a blocked prompt is refused before it counts
+    config["teams"][0]["limits"] = {"requests_per_minute": 3}  # the blocked prompt is the third
     config["moderation"] = {"rules": [{"name": "banned", "type": "terms", "terms": ["forbidden"], "action": "block"}]}
     gw = await start_gateway(config)
     api = openai.AsyncOpenAI(base_url=gw.v1, api_key=ALICE, max_retries=0)

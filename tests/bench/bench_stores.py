@@ -1,0 +1,95 @@
+"""Micro-benchmark: microseconds per request (reserve + settle with a ledger entry) for each store.
+
+Run from the repository root:  python -m tests.bench.bench_stores [--requests N] [--concurrency C]
+
+Each store runs the requests one at a time (latency), then C at a time, as a
+busy gateway does (the SQLite store shares commits between them, Redis round
+trips overlap). Wall time and the CPU time of the whole process (all threads)
+are both printed: CPU per request is what a store takes from the gateway's
+throughput. The redis store runs against a private redis-server on a
+loopback port, started and stopped here (its CPU is not counted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+from proxy.accounting import LedgerEntry, QuotaStore, Subject, open_store
+from proxy.config import AccountingConfig, LimitsConfig
+from tests.redis_server import RedisServer, redis_available
+
+SUBJECTS = [
+    Subject("key", "alice", LimitsConfig(requests_per_minute=10**9, tokens_per_minute=10**12)),
+    Subject("team", "research", LimitsConfig(
+        requests_per_minute=10**9, tokens_per_minute=10**12, tokens_per_day=10**13,
+        tokens_per_month=10**14, max_concurrent_requests=10**6)),
+]
+
+
+async def one_request(store: QuotaStore, i: int) -> None:
+    now = time.time()
+    reservation = await store.reserve(SUBJECTS, 120, 256, now)
+    entry = LedgerEntry(now, f"req-{i}", "alice", "research", "gpt-4o-mini", 120, 80, 200)
+    await store.settle(reservation, 120, 80, now, entry)
+
+
+async def measure(store: QuotaStore, requests: int, concurrency: int) -> list[tuple[float, float]]:
+    """(wall, CPU) microseconds per request, one at a time and then ``concurrency`` at a time.
+
+    CPU is the whole process's (every thread), which is what a store takes
+    away from the gateway's throughput; wall time also counts waiting.
+    """
+    for i in range(min(requests // 10, 500)):  # warm up: scripts loaded, connections open
+        await one_request(store, i)
+    results = []
+    for in_flight in (1, concurrency):
+        queue = iter(range(requests))
+
+        async def worker() -> None:
+            for i in queue:
+                await one_request(store, i)
+
+        wall, cpu = time.perf_counter(), time.process_time()
+        await asyncio.gather(*(worker() for _ in range(in_flight)))
+        results.append(((time.perf_counter() - wall) / requests * 1e6, (time.process_time() - cpu) / requests * 1e6))
+    return results
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=5000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        configs = {
+            "memory": AccountingConfig(store="memory"),
+            "sqlite": AccountingConfig(store="sqlite", sqlite_path=str(Path(tmp) / "bench.db")),
+        }
+        server = None
+        if redis_available():
+            server = RedisServer(Path(tmp) / "redis")
+            server.start()
+            configs["redis"] = AccountingConfig(store="redis", redis_url=server.url)
+        try:
+            print(f"microseconds per request (reserve + settle), {args.requests} requests; "
+                  f"wall / CPU of this process, 1 and {args.concurrency} in flight")
+            print(f"{'store':8} {'wall 1':>9} {'cpu 1':>9} {'wall ' + str(args.concurrency):>9} "
+                  f"{'cpu ' + str(args.concurrency):>9}")
+            for name, cfg in configs.items():
+                store = await open_store(cfg)
+                try:
+                    (wall_1, cpu_1), (wall_n, cpu_n) = await measure(store, args.requests, args.concurrency)
+                finally:
+                    await store.close()
+                print(f"{name:8} {wall_1:9.1f} {cpu_1:9.1f} {wall_n:9.1f} {cpu_n:9.1f}")
+        finally:
+            if server is not None:
+                server.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
