@@ -1,0 +1,180 @@
+"""The moderation window of one stream: decide matches as early as possible, release the rest.
+
+Which matches act, for a whole text and for any chunking of it alike:
+
+* Every rule reports *candidates*, mapped back to spans of the original text
+  (compared there, not in the normalised view, because one original
+  character can become several view characters: "ß" is "ss").
+* Candidates are taken in order of their start. At one start, a block beats
+  everything; otherwise the longest candidate wins and ties go to the rule
+  listed first in the config (**leftmost-longest**). A redact or flag
+  candidate that overlaps one already taken is dropped, not merged.
+* The first block ends the text: what was released before its start (with
+  redactions applied) is all that remains, and nothing of the blocked match
+  is ever released. If the block starts inside a redaction already taken,
+  that redaction's replacement stays (it reveals nothing) and the text ends
+  after it.
+* ``redact`` replaces the original characters of the match (all of them,
+  including invisible ones between its letters, and none around it) with the
+  rule's replacement; ``flag`` leaves the text as it is.
+
+A stream releases text as soon as every rule has decided every candidate that
+could start in it, so it holds back only what could still be the start of a
+match: at most ``max_window_chars`` original characters, usually just the
+unfinished word. The text of every ``feed`` and of ``finish``, put together,
+is what ``ModerationEngine.moderate`` gives for the whole text, and the
+actions are the same, in the same order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .matchers import PatternScanner, TermsScanner, Views
+from .normalize import Normalizer, original_chars_bound
+from .result import Action, ModerationResult
+from .rules import CompiledRule
+
+_NOTHING = ModerationResult("")
+
+
+class _Candidate:
+    """One rule's match, as a span of the original text."""
+
+    __slots__ = ("end", "rule", "start")
+
+    def __init__(self, start: int, end: int, rule: CompiledRule):
+        self.start = start
+        self.end = end
+        self.rule = rule
+
+    def order(self) -> tuple[int, bool, int, int]:
+        """Sort key: by start, blocks first, then longest, then the rule listed first."""
+        return (self.start, self.rule.action != "block", self.start - self.end, self.rule.index)
+
+
+class ModerationStream:
+    """One window (per choice, per tool call's arguments): ``feed`` text in, moderated text out.
+
+    After a block the stream is over: ``feed`` and ``finish`` return an empty
+    result (the block was reported once, by the call that found it). A second
+    ``finish`` returns an empty result too; ``feed`` after ``finish`` is a bug
+    in the caller and raises ``RuntimeError``.
+    """
+
+    def __init__(self, rules: Sequence[CompiledRule]):
+        self._rules = tuple(rules)
+        self._scanners: list[tuple[CompiledRule, TermsScanner | PatternScanner]] = [
+            (rule, rule.matcher.scanner()) for rule in self._rules
+        ]
+        self._normalizer = Normalizer()
+        self._candidates: list[_Candidate] = []
+        self._released = 0  # original text before this has been released (or replaced)
+        self._taken_end = 0  # end of the last redact/flag match taken
+        self._blocked: Action | None = None
+        self._finished = False
+
+    @property
+    def max_window_chars(self) -> int:
+        """The most original characters this stream can hold back at once."""
+        if not self._rules:
+            return 0
+        return original_chars_bound(max(rule.matcher.hold_chars for rule in self._rules))
+
+    @property
+    def held_chars(self) -> int:
+        """Original characters received but not yet released."""
+        if self._blocked is not None:
+            return 0
+        return self._normalizer.orig_end - self._released
+
+    @property
+    def blocked(self) -> Action | None:
+        return self._blocked
+
+    @property
+    def finished(self) -> bool:
+        return self._finished or self._blocked is not None
+
+    def feed(self, text: str) -> ModerationResult:
+        """Take the next chunk; return the text that is now safe to release."""
+        if self._blocked is not None:
+            return _NOTHING
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        if not self._rules:
+            return ModerationResult(text)
+        self._normalizer.push(text)
+        return self._round(final=False)
+
+    def finish(self) -> ModerationResult:
+        """The text has ended: decide what is left and release it."""
+        if self._finished or self._blocked is not None:
+            self._finished = True
+            return _NOTHING
+        self._finished = True
+        if not self._rules:
+            return _NOTHING
+        self._normalizer.close()
+        return self._round(final=True)
+
+    def _round(self, final: bool) -> ModerationResult:
+        """Collect what the new text decided, act on it, release what is safe, trim the buffers."""
+        normalizer = self._normalizer
+        t = normalizer.view_end
+        views = Views(normalizer)
+        frontier = t
+        for rule, scanner in self._scanners:
+            spans, rule_frontier = scanner.advance(views, t, final)
+            for begin, end in spans:
+                self._candidates.append(
+                    _Candidate(normalizer.starts[begin - views.base], normalizer.ends[end - 1 - views.base], rule)
+                )
+            frontier = min(frontier, rule_frontier)
+        # Every candidate that starts before ``limit`` is known: act on those.
+        limit = normalizer.orig_pos(frontier)
+        if self._candidates:
+            result = self._act(limit)
+        else:
+            result = ModerationResult(self._release(limit))
+        if result.blocked is None:
+            normalizer.discard(min(scanner.needed_from() for _, scanner in self._scanners), self._released)
+        return result
+
+    def _act(self, limit: int) -> ModerationResult:
+        """Decide the candidates that start before ``limit``, in order, and release up to it."""
+        ready = [c for c in self._candidates if c.start < limit]
+        self._candidates = [c for c in self._candidates if c.start >= limit]
+        ready.sort(key=_Candidate.order)
+        out: list[str] = []
+        actions: list[Action] = []
+        start = None
+        for candidate in ready:
+            if candidate.start == start:
+                continue  # the first at this start has been decided on
+            start = candidate.start
+            rule = candidate.rule
+            if rule.action == "block":
+                out.append(self._release(start))  # nothing, if it starts inside a redaction
+                self._blocked = Action(rule.name, "block")
+                actions.append(self._blocked)
+                self._candidates = []
+                return ModerationResult("".join(out), tuple(actions), self._blocked)
+            if start < self._taken_end:
+                continue  # overlaps a match already taken
+            self._taken_end = candidate.end
+            actions.append(Action(rule.name, rule.action))
+            if rule.action == "redact":
+                out.append(self._release(start))
+                out.append(rule.replacement)
+                self._released = candidate.end
+        out.append(self._release(limit))
+        return ModerationResult("".join(out), tuple(actions))
+
+    def _release(self, until: int) -> str:
+        """The original text from what was released so far up to ``until`` (nothing if already past it)."""
+        if until <= self._released:
+            return ""
+        text = self._normalizer.orig_text(self._released, until)
+        self._released = until
+        return text
