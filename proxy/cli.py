@@ -1,4 +1,4 @@
-"""The ``sluice`` command line: serve, demo, mock-upstream, check-config, hash-key."""
+"""The ``sluice`` command line: serve, demo, mock-upstream, check-config, hash-key, usage."""
 
 from __future__ import annotations
 
@@ -13,13 +13,15 @@ from collections.abc import Sequence
 from .accounting import StoreUnavailable, UsageReport, format_usage_table, open_store
 from .auth import hash_key
 from .config import CONFIG_PATH_ENV, ConfigError, Settings, load_settings
+from .demo import run_demo
+from .gateway import Runtime
 from .logs import configure_logging
+from .mock_upstream import run_mock_upstream
+from .server import serve
 
 
 def _load_checked(path: str) -> Settings:
     """Load a config and build what it compiles to (moderation rules), so every problem shows."""
-    from .server import Runtime
-
     settings = load_settings(path)
     Runtime(settings)
     return settings
@@ -50,8 +52,6 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .server import serve
-
     path = _config_path(args)
     if not path:
         print(f"sluice serve: give --config PATH or set {CONFIG_PATH_ENV}", file=sys.stderr)
@@ -98,8 +98,6 @@ async def _read_usage(settings: Settings, team: str | None) -> UsageReport:
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
-    from .mock_upstream import run_mock_upstream
-
     print(f"mock upstream on http://{args.host}:{args.port}/v1 (delay {args.delay_ms} ms per chunk)", flush=True)
     try:
         asyncio.run(run_mock_upstream(args.host, args.port, args.delay_ms))
@@ -112,8 +110,6 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     try:
         return asyncio.run(run_demo(args.port, args.delay_ms))
     except KeyboardInterrupt:

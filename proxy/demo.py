@@ -7,11 +7,12 @@ import signal
 import socket
 from pathlib import Path
 
+from aiohttp import web
+
 from .config import ConfigError, load_settings
 from .logs import configure_logging
 from .mock_upstream import create_mock_app
 from .server import GatewayServer
-from aiohttp import web
 
 DEMO_KEY = "sk-sluice-demo"
 _DEMO_CONFIG = "config/demo.yaml"
