@@ -83,7 +83,12 @@ class Gateway:
         return self.runtime.settings
 
     async def start(self) -> None:
-        self.quotas = Quotas(await open_store(self.settings.accounting), self.settings.accounting)
+        store_kind = self.settings.accounting.store
+        self.quotas = Quotas(
+            await open_store(self.settings.accounting),
+            self.settings.accounting,
+            on_store_error=lambda operation: self.metrics.store_errors.labels(store_kind, operation).inc(),
+        )
         await self.runtime.start()
 
     async def close(self) -> None:

@@ -48,6 +48,10 @@ class Metrics:
         self.overhead = Histogram(
             "sluice_overhead_seconds", "Gateway time, upstream wait excluded.", ("endpoint",), buckets=OVERHEAD_BUCKETS, registry=r
         )
+        self.store_errors = Counter(
+            "sluice_store_errors", "Quota store failures, also those let through by on_store_error: allow.",
+            ("store", "operation"), registry=r,
+        )
         self.active_streams = Gauge("sluice_active_streams", "Streams being relayed now.", registry=r)
 
     def exposition(self) -> bytes:

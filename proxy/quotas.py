@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from .accounting import LedgerEntry, QuotaStore, Rejection, Reservation, StoreUnavailable, Subject
 from .auth import Caller
@@ -42,9 +43,10 @@ def limits_tokens(caller: Caller) -> bool:
 class Quotas:
     """Reserve before the upstream call, settle after it; the store decides."""
 
-    def __init__(self, store: QuotaStore, config: AccountingConfig):
+    def __init__(self, store: QuotaStore, config: AccountingConfig, on_store_error: Callable[[str], None]):
         self.store = store
         self.config = config
+        self._on_store_error = on_store_error  # called with the failed operation, for the metric
         # Settles run as tasks of their own so a client that leaves cannot cancel them.
         self._settling: set[asyncio.Task[None]] = set()
 
@@ -53,6 +55,7 @@ class Quotas:
         try:
             decision = await self.store.reserve(subjects_of(caller), prompt_tokens, max_tokens, time.time())
         except StoreUnavailable as exc:
+            self._on_store_error("reserve")
             if self.config.on_store_error == "reject":
                 log.warning("quota store unavailable; request refused", error=str(exc))
                 raise GatewayError(
@@ -77,6 +80,7 @@ class Quotas:
             else:
                 await self.store.settle(reservation, entry.prompt_tokens, entry.completion_tokens, time.time(), entry)
         except StoreUnavailable as exc:
+            self._on_store_error("settle")
             log.warning("quota store unavailable; usage not settled", error=str(exc), request_id=entry.request_id)
 
     async def drain(self) -> None:
@@ -87,6 +91,7 @@ class Quotas:
         try:
             await self.store.ping()
         except StoreUnavailable:
+            self._on_store_error("ping")
             return False
         return True
 

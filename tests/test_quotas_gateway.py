@@ -135,6 +135,9 @@ async def test_store_down_rejects_or_allows(mock_upstream, start_gateway, redis_
     assert caught.value.status_code == 503 and caught.value.code == "store_unavailable"
     await client(opened).chat.completions.create(**chat())  # fail open
     async with aiohttp.ClientSession() as session:
+        async with session.get(opened.url + "/metrics") as resp:
+            assert 'sluice_store_errors_total{operation="reserve",store="redis"} 1.0' in await resp.text()
+    async with aiohttp.ClientSession() as session:
         async with session.get(closed.url + "/readyz") as resp:
             assert resp.status == 503
     redis.start()
