@@ -22,13 +22,24 @@ if TYPE_CHECKING:
     from .moderation import Action, ModerationEngine
 
 
+def _dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON, as providers send it: no escaping of every non-ASCII character.
+
+    A lone surrogate (legal in JSON's \\u escapes, not in UTF-8) keeps its escape.
+    """
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:
+        return json.dumps(value, separators=(",", ":")).encode()
+
+
 class UpstreamStreamError(Exception):
     """The upstream stream cannot be relayed further (bad JSON, an error event)."""
 
 
 def error_event(message: str, code: str = "upstream_error") -> bytes:
     body = {"error": {"message": message, "type": "upstream_error", "param": None, "code": code}}
-    return encode_data(json.dumps(body).encode())
+    return encode_data(_dumps(body))
 
 
 class _Choice:
@@ -112,13 +123,13 @@ class StreamRewriter:
                     out = b""
                 else:
                     chunk["choices"] = kept
-                    out = encode_data(json.dumps(chunk).encode())
+                    out = encode_data(_dumps(chunk))
             else:
                 out = encode_data(data.encode())
             if self.blocked is not None:
                 out += self._end_after_block()
             return out
-        return encode_data(json.dumps(chunk).encode() if changed else data.encode())
+        return encode_data(_dumps(chunk) if changed else data.encode())
 
     def finish(self) -> bytes:
         """The upstream said [DONE]: flush every window, then [DONE]."""
@@ -277,7 +288,7 @@ class StreamRewriter:
             choice["text"] = holder.get("text", "")
         choice["finish_reason"] = finish_reason
         chunk = {**self._envelope, "choices": [choice]}
-        return encode_data(json.dumps(chunk).encode())
+        return encode_data(_dumps(chunk))
 
 def _has_visible_payload(holder: dict[str, Any], chat: bool) -> bool:
     if holder.get("content" if chat else "text"):

@@ -1,0 +1,96 @@
+"""The pure core of streaming: chunked upstream events in, client bytes out."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.config import ModerationConfig
+from proxy.moderation import ModerationEngine
+from proxy.sse import SSEDecoder
+from proxy.stream_rewriter import StreamRewriter
+
+ENGINE = ModerationEngine.from_config(
+    ModerationConfig(
+        rules=[
+            {"name": "banned", "type": "terms", "terms": ["bad word"], "action": "block"},
+            {"name": "email", "type": "pii", "entity": "email", "action": "redact"},
+            {"name": "cat", "type": "terms", "terms": ["cat"], "action": "redact", "match": "substring"},
+        ]
+    )
+)
+
+
+def upstream_events(pieces, n=1, usage=True):
+    events = [{"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+               "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(n)]}]
+    for piece in pieces:
+        for i in range(n):
+            events.append({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                           "choices": [{"index": i, "delta": {"content": piece}, "finish_reason": None}]})
+    for i in range(n):
+        events.append({"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                       "choices": [{"index": i, "delta": {}, "finish_reason": "stop"}]})
+    if usage:
+        events.append({"id": "c1", "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}})
+    return [json.dumps(e) for e in events] + ["[DONE]"]
+
+
+def run(rewriter, events):
+    out = b"".join(rewriter.event(e) for e in events)
+    decoder = SSEDecoder()
+    return [e.data for e in decoder.feed(out) + decoder.finish()]
+
+
+def texts(payloads, n=1):
+    chunks = [json.loads(p) for p in payloads if p != "[DONE]"]
+    return ["".join(c["delta"].get("content") or "" for ch in chunks for c in ch["choices"] if c["index"] == i) for i in range(n)]
+
+
+def split(text, cuts):
+    points = sorted({c % (len(text) + 1) for c in cuts})
+    return [text[a:b] for a, b in zip([0, *points], [*points, len(text)]) if text[a:b]]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    text=st.text(alphabet="abcdt @.xyzobadwr\u200b", max_size=60),
+    cuts=st.lists(st.integers(0, 100), max_size=15),
+    n=st.integers(1, 3),
+)
+def test_any_chunking_streams_what_moderate_gives_for_the_whole(text, cuts, n):
+    whole = ENGINE.moderate(text, "output")
+    rewriter = StreamRewriter(ENGINE, chat=True, client_wants_usage=False)
+    payloads = run(rewriter, upstream_events(split(text, cuts), n=n))
+    assert payloads[-1] == "[DONE]"
+    assert texts(payloads, n) == [whole.text] * n
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    reasons = [c["finish_reason"] for ch in chunks for c in ch["choices"] if c["finish_reason"]]
+    assert reasons == ["content_filter" if whole.blocked else "stop"] * n
+    assert all(ch.get("usage") is None for ch in chunks)  # the client did not ask for usage
+    assert rewriter.completion_texts() == [text] * n or whole.blocked
+
+
+def test_unchanged_chunks_are_forwarded_byte_for_byte():
+    rewriter = StreamRewriter(None, chat=True, client_wants_usage=True)
+    events = upstream_events(["hello ", "world"])
+    out = b"".join(rewriter.event(e) for e in events)
+    assert out == b"".join(b"data: " + e.encode() + b"\n\n" for e in events)
+    assert rewriter.usage == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+
+
+def test_the_usage_chunk_is_hidden_from_a_client_that_did_not_ask():
+    rewriter = StreamRewriter(None, chat=True, client_wants_usage=False)
+    payloads = run(rewriter, upstream_events(["hi"]))
+    assert not any('"usage"' in p for p in payloads)
+    assert rewriter.usage["completion_tokens"] == 4
+
+
+def test_a_break_flushes_held_text_before_the_error():
+    rewriter = StreamRewriter(ENGINE, chat=True, client_wants_usage=False)
+    out = b"".join(rewriter.event(e) for e in upstream_events(["say ca"])[:2])
+    out += rewriter.flush_before_error()
+    decoder = SSEDecoder()
+    assert texts([e.data for e in decoder.feed(out)]) == ["say ca"]
