@@ -677,7 +677,7 @@ def test_alerts_cover_the_issue_and_query_only_exported_metrics():
     exprs = {rule["alert"]: rule["expr"] for rule in rules}
     assert any('status=~"5.."' in e for e in exprs.values())
     assert any("0.99" in e and "time_to_first_token" in e for e in exprs.values())
-    assert any('status="503"' in e for e in exprs.values())  # the store errors, until a metric of their own
+    assert "sluice_store_errors_total" in used["SluiceQuotaStoreErrors"]
     for rule in rules:
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
