@@ -349,6 +349,8 @@ def proxy_handler(endpoint: str) -> Any:
             if admitted:
                 gateway.quotas.settle(reservation, record.ledger_entry())
             gateway.metrics.observe(record)
+            if record.upstream_error:
+                log.warning("upstream error", upstream=record.upstream, kind=record.upstream_error, status=record.status)
             log.info("request", **record.fields())
 
     handler.__name__ = f"proxy_{endpoint.replace('.', '_')}"

@@ -56,3 +56,16 @@ async def test_one_summary_line_per_request_with_every_field(gateway, captured_l
     for secret in (ALICE, ADMIN, UPSTREAM_KEY, "sk-wrong-secret-777"):
         assert secret not in text
     assert "log me please" not in text  # no prompt text at info
+
+
+async def test_upstream_errors_are_warnings_with_the_request_id(gateway, captured_logs):
+    api = openai.AsyncOpenAI(base_url=gateway.v1, api_key=ALICE, max_retries=0)
+    with pytest.raises(openai.InternalServerError):
+        await api.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "x"}], extra_body={"mock": {"status": 500}}
+        )
+    lines = [json.loads(line) for line in captured_logs.getvalue().splitlines() if line.strip()]
+    warning = next(line for line in lines if line["event"] == "upstream error")
+    summary = next(line for line in lines if line["event"] == "request")
+    assert warning["level"] == "warning" and warning["kind"] == "http_5xx" and warning["upstream"] == "mock"
+    assert warning["request_id"] == summary["request_id"]

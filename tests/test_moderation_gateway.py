@@ -72,9 +72,15 @@ async def test_redaction_in_place_keeps_the_stream_flowing(moderated):
     assert len(chunks) > 5  # still streamed, not buffered to the end
 
 
-async def test_flag_passes_the_text(moderated, mock_upstream):
+async def test_flag_passes_the_text_and_every_action_is_counted(moderated, mock_upstream):
     chunks = await stream_events(moderated, body("Your ticket is TCK-123456.", chunk_chars=3))
     assert text_of(chunks) == "Your ticket is TCK-123456."
+    await stream_events(moderated, body("mail a@b.co or c@d.co", chunk_chars=3))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(moderated.url + "/metrics") as resp:
+            text = await resp.text()
+    assert 'sluice_moderation_actions_total{action="flag",direction="output",rule="ticket"} 1.0' in text
+    assert 'sluice_moderation_actions_total{action="redact",direction="output",rule="email"} 2.0' in text
 
 
 async def test_input_block_is_400_naming_the_rule_and_never_calls_upstream(moderated, mock_upstream):
