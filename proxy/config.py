@@ -42,6 +42,8 @@ class ServerConfig(_Strict):
     max_event_bytes: int = Field(1024 * 1024, gt=0)
     shutdown_grace_seconds: float = Field(30, ge=0)
     metrics_port: int | None = Field(None, ge=0, le=65535)  # serve /metrics here instead of on `port`
+    max_upstream_attempts: int = Field(2, ge=1, le=10)  # connect errors and 5xx before the first byte retry
+    retry_backoff_seconds: float = Field(0.05, ge=0)  # doubled after each retry
 
 
 class UpstreamConfig(_Strict):
@@ -51,6 +53,8 @@ class UpstreamConfig(_Strict):
     models: list[str] = Field(min_length=1)
     connect_timeout_seconds: float = Field(5, gt=0)
     read_timeout_seconds: float = Field(60, gt=0)
+    circuit_failures: int = Field(5, ge=1)  # failures in a row that take the upstream out
+    circuit_cooldown_seconds: float = Field(30, gt=0)  # how long it stays out before a trial request
 
     @field_validator("base_url")
     @classmethod

@@ -52,6 +52,12 @@ class Metrics:
             "sluice_store_errors", "Quota store failures, also those let through by on_store_error: allow.",
             ("store", "operation"), registry=r,
         )
+        self.upstream_retries = Counter(
+            "sluice_upstream_retries", "Requests moved on to the next upstream after a failure.", ("upstream",), registry=r
+        )
+        self.circuit_open = Gauge(
+            "sluice_upstream_circuit_open", "1 while an upstream's circuit breaker keeps it out.", ("upstream",), registry=r
+        )
         self.active_streams = Gauge("sluice_active_streams", "Streams being relayed now.", registry=r)
 
     def exposition(self) -> bytes:

@@ -36,6 +36,7 @@ from .tokens import count_chat_prompt, count_prompt, count_text
 from .upstream import (
     Upstream,
     forwarded_response_headers,
+    send_with_failover,
     upstream_bad_answer,
     upstream_timeout,
     upstream_unreachable,
@@ -237,7 +238,7 @@ def _refuse_when_shutting_down(gateway: Gateway) -> None:
         raise GatewayError(503, "shutting_down", "The gateway is shutting down; retry on another replica.")
 
 
-def _authorize(runtime: Runtime, caller: Caller, model: str) -> Upstream:
+def _authorize(runtime: Runtime, caller: Caller, model: str) -> list[Upstream]:
     if not caller.may_use(model):
         raise GatewayError(
             403, "model_not_allowed", f"The team {caller.team_name!r} may not use the model {model!r}.", "model"
@@ -312,8 +313,8 @@ def proxy_handler(endpoint: str) -> Any:
             body = await read_body(request, runtime.settings.server.max_body_bytes)
             parsed = parse_request(endpoint, body)
             record.model, record.stream = parsed.model, parsed.stream
-            upstream = _authorize(runtime, caller, parsed.model)
-            record.upstream = upstream.name
+            candidates = _authorize(runtime, caller, parsed.model)
+            record.upstream = candidates[0].name
             record.prompt_tokens = await _count_prompt(parsed, len(body))
             requested = _requested_max_tokens(parsed, runtime.settings.accounting.default_max_tokens)
             reservation = await gateway.quotas.reserve(caller, record.prompt_tokens, requested)
@@ -324,13 +325,10 @@ def proxy_handler(endpoint: str) -> Any:
                 _cap_answer(parsed, reservation)
                 rewritten = True
             upstream_body = _upstream_body(parsed, body, rewritten)
-            headers = upstream.request_headers(request.headers, record.request_id)
             if parsed.stream:
-                response = await _forward_stream(
-                    request, runtime, upstream, parsed, upstream_body, headers, record, extra_headers
-                )
+                response = await _forward_stream(request, runtime, candidates, parsed, upstream_body, record, extra_headers)
             else:
-                response = await _forward_whole(runtime, upstream, parsed, upstream_body, headers, record)
+                response = await _forward_whole(request, runtime, candidates, parsed, upstream_body, record)
                 response.headers.update(extra_headers)
             record.status = response.status
             return response
@@ -357,16 +355,45 @@ def proxy_handler(endpoint: str) -> Any:
     return handler
 
 
+async def _open_upstream(
+    request: web.Request, runtime: Runtime, candidates: list[Upstream], parsed: ParsedRequest, body: bytes, record: RequestRecord
+) -> tuple[Upstream, aiohttp.ClientResponse]:
+    metrics = request.app[GATEWAY].metrics
+    server = runtime.settings.server
+
+    def retried(upstream: Upstream) -> None:
+        metrics.upstream_retries.labels(upstream.name).inc()
+        log.warning("upstream failed before answering; trying the next", upstream=upstream.name)
+
+    try:
+        upstream, resp = await send_with_failover(
+            candidates,
+            _PATHS[parsed.endpoint],
+            body,
+            request.headers,
+            record.request_id,
+            max_attempts=server.max_upstream_attempts,
+            backoff_seconds=server.retry_backoff_seconds,
+            on_retry=retried,
+        )
+    finally:
+        for candidate in candidates:
+            metrics.circuit_open.labels(candidate.name).set(1 if candidate.breaker.is_open else 0)
+    record.upstream = upstream.name
+    return upstream, resp
+
+
 async def _forward_whole(
+    request: web.Request,
     runtime: Runtime,
-    upstream: Upstream,
+    candidates: list[Upstream],
     parsed: ParsedRequest,
     body: bytes,
-    headers: dict[str, str],
     record: RequestRecord,
 ) -> web.Response:
     sent = time.monotonic()
-    async with await upstream.post(_PATHS[parsed.endpoint], body, headers) as resp:
+    upstream, resp = await _open_upstream(request, runtime, candidates, parsed, body, record)
+    async with resp:
         try:
             answer = await resp.read()
         except (aiohttp.ServerTimeoutError, TimeoutError):
@@ -420,15 +447,14 @@ def _count_whole_completion(parsed: ParsedRequest, document: dict[str, Any]) -> 
 async def _forward_stream(
     request: web.Request,
     runtime: Runtime,
-    upstream: Upstream,
+    candidates: list[Upstream],
     parsed: ParsedRequest,
     body: bytes,
-    headers: dict[str, str],
     record: RequestRecord,
     extra_headers: dict[str, str],
 ) -> web.StreamResponse:
     server = runtime.settings.server
-    resp = await upstream.post(_PATHS[parsed.endpoint], body, headers)
+    upstream, resp = await _open_upstream(request, runtime, candidates, parsed, body, record)
     rewriter: StreamRewriter | None = None
     outcome: StreamOutcome | None = None
     active_streams = request.app[GATEWAY].metrics.active_streams

@@ -7,12 +7,15 @@ gateway's own errors here, so the request path never sees an aiohttp exception.
 
 from __future__ import annotations
 
+import asyncio
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 
 import aiohttp
 
 from .auth import model_matches
+from .circuit import CircuitBreaker
 from .config import UpstreamConfig
 from .errors import GatewayError, UpstreamFailure
 
@@ -47,6 +50,7 @@ class Upstream:
         environ = os.environ if environ is None else environ
         self._api_key = environ.get(config.api_key_env) if config.api_key_env else None
         self._session: aiohttp.ClientSession | None = None
+        self.breaker = CircuitBreaker(config.circuit_failures, config.circuit_cooldown_seconds)
 
     def serves(self, model: str) -> bool:
         return model_matches(model, self.config.models)
@@ -112,11 +116,14 @@ class Router:
     def __init__(self, upstreams: list[Upstream]):
         self.upstreams = upstreams
 
-    def route(self, model: str) -> Upstream:
-        for upstream in self.upstreams:
-            if upstream.serves(model):
-                return upstream
-        raise GatewayError(404, "model_not_found", f"The model {model!r} does not exist or is not served here.", "model")
+    def route(self, model: str) -> list[Upstream]:
+        """Every upstream serving ``model``, in config order: the first, then its fallbacks."""
+        candidates = [upstream for upstream in self.upstreams if upstream.serves(model)]
+        if not candidates:
+            raise GatewayError(
+                404, "model_not_found", f"The model {model!r} does not exist or is not served here.", "model"
+            )
+        return candidates
 
     async def start(self) -> None:
         for upstream in self.upstreams:
@@ -125,3 +132,51 @@ class Router:
     async def close(self) -> None:
         for upstream in self.upstreams:
             await upstream.close()
+
+
+async def send_with_failover(
+    candidates: list[Upstream],
+    path: str,
+    body: bytes,
+    client_headers: Mapping[str, str],
+    request_id: str,
+    *,
+    max_attempts: int,
+    backoff_seconds: float,
+    on_retry: Callable[[Upstream], None],
+) -> tuple[Upstream, aiohttp.ClientResponse]:
+    """Send to the first upstream whose circuit is closed; on a connect error or a 5xx, try the next.
+
+    Only failures before the first byte of the answer are retried, so nothing a
+    client has seen is ever sent twice. A timeout is not retried: a slow
+    provider would make every retry as slow. The caller must release the response.
+    """
+    now = time.monotonic()
+    allowed = [upstream for upstream in candidates if upstream.breaker.allows(now)]
+    if not allowed:
+        raise UpstreamFailure(
+            502, "upstream_error", "Every upstream for this model is failing; retry later.", "circuit_open"
+        )
+    tries = allowed[:max_attempts]
+    for attempt, upstream in enumerate(tries):
+        last = attempt == len(tries) - 1
+        if attempt:
+            await asyncio.sleep(backoff_seconds * 2 ** (attempt - 1))
+        try:
+            resp = await upstream.post(path, body, upstream.request_headers(client_headers, request_id))
+        except UpstreamFailure as exc:
+            if exc.kind == "connect":
+                upstream.breaker.record_failure(time.monotonic())
+            if last or exc.kind != "connect":
+                raise
+            on_retry(upstream)
+            continue
+        if resp.status < 500:
+            upstream.breaker.record_success()
+            return upstream, resp
+        upstream.breaker.record_failure(time.monotonic())
+        if last:
+            return upstream, resp  # the provider's own 5xx passes through
+        resp.release()
+        on_retry(upstream)
+    raise AssertionError("unreachable: the last attempt returns or raises")
