@@ -53,6 +53,7 @@ class UpstreamConfig(_Strict):
     models: list[str] = Field(min_length=1)
     connect_timeout_seconds: float = Field(5, gt=0)
     read_timeout_seconds: float = Field(60, gt=0)
+    ca_bundle: str | None = None  # PEM file of CAs to trust instead of the system's (TLS is always verified)
     circuit_failures: int = Field(5, ge=1)  # failures in a row that take the upstream out
     circuit_cooldown_seconds: float = Field(30, gt=0)  # how long it stays out before a trial request
 
@@ -248,6 +249,9 @@ def _cross_field_problems(settings: Settings, environ: dict[str, str]) -> list[s
             problems.append(
                 f"upstreams[{i}].api_key_env: the environment variable {upstream.api_key_env} is not set"
             )
+    for i, upstream in enumerate(settings.upstreams):
+        if upstream.ca_bundle and not Path(upstream.ca_bundle).is_file():
+            problems.append(f"upstreams[{i}].ca_bundle: no such file: {upstream.ca_bundle}")
     rule_names = [r.name for r in settings.moderation.rules]
     for name in sorted({n for n in rule_names if rule_names.count(n) > 1}):
         problems.append(f"moderation.rules: the name {name!r} is used twice")

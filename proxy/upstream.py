@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import ssl
 import time
 from collections.abc import Callable, Mapping
 
@@ -62,7 +63,11 @@ class Upstream:
             sock_connect=self.config.connect_timeout_seconds,
             sock_read=self.config.read_timeout_seconds,
         )
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True)
+        # TLS is always verified: against the system's CAs, or the configured bundle only.
+        tls: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=self.config.ca_bundle) if self.config.ca_bundle else True
+        )
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, enable_cleanup_closed=True, ssl=tls)
         # We ask for identity encoding; should a provider compress anyway, aiohttp
         # decompresses and content-encoding is not among the forwarded headers.
         self._session = aiohttp.ClientSession(
