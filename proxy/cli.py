@@ -8,7 +8,8 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
 
 from .accounting import StoreUnavailable, UsageReport, format_usage_table, open_store
 from .auth import hash_key
@@ -19,12 +20,24 @@ from .logs import configure_logging
 from .mock_upstream import run_mock_upstream
 from .server import serve
 
+T = TypeVar("T")
+
 
 def _load_checked(path: str) -> Settings:
     """Load a config and build what it compiles to (moderation rules), so every problem shows."""
     settings = load_settings(path)
     Runtime(settings)
     return settings
+
+
+def run_event_loop(main: Coroutine[Any, Any, T]) -> T:
+    """Run on uvloop where it is installed: the same asyncio API, a faster loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def _config_path(args: argparse.Namespace) -> str | None:
@@ -63,7 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
     configure_logging(settings.logging.level, settings.logging.format)
     try:
-        asyncio.run(serve(settings, args.host, args.port, config_path=path))
+        run_event_loop(serve(settings, args.host, args.port, config_path=path))
     except OSError as exc:  # the port is taken, the host is not ours
         print(f"sluice serve: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -81,7 +94,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
         _print_problems(exc.problems)
         return 1
     try:
-        report = asyncio.run(_read_usage(settings, args.team))
+        report = run_event_loop(_read_usage(settings, args.team))
     except StoreUnavailable as exc:
         print(f"sluice usage: the {settings.accounting.store} store is unavailable: {exc}", file=sys.stderr)
         return 1
@@ -100,7 +113,7 @@ async def _read_usage(settings: Settings, team: str | None) -> UsageReport:
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
     print(f"mock upstream on http://{args.host}:{args.port}/v1 (delay {args.delay_ms} ms per chunk)", flush=True)
     try:
-        asyncio.run(run_mock_upstream(args.host, args.port, args.delay_ms))
+        run_event_loop(run_mock_upstream(args.host, args.port, args.delay_ms))
     except KeyboardInterrupt:
         pass
     except OSError as exc:
@@ -111,7 +124,7 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     try:
-        return asyncio.run(run_demo(args.port, args.delay_ms))
+        return run_event_loop(run_demo(args.port, args.delay_ms))
     except KeyboardInterrupt:
         return 0
 

@@ -8,7 +8,7 @@ ends, from its ``RequestRecord``: nothing is counted per chunk.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -60,6 +60,16 @@ class Metrics:
         )
         self.active_streams = Gauge("sluice_active_streams", "Streams being relayed now.", registry=r)
 
+        # labels() costs a lock and a dict walk per call; a request needs five of them.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
+
+    def _child(self, metric: Any, *values: str) -> Any:
+        key = (metric, values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -68,19 +78,19 @@ class Metrics:
         client cannot grow the label set by inventing model names."""
         model = record.model if record.upstream else ""
         team, key = record.team or "", record.key or ""
-        self.requests.labels(team, key, model, record.endpoint, str(record.status)).inc()
+        self._child(self.requests, team, key, model, record.endpoint, str(record.status)).inc()
         if record.prompt_tokens:
-            self.tokens.labels(team, key, model, "prompt").inc(record.prompt_tokens)
+            self._child(self.tokens, team, key, model, "prompt").inc(record.prompt_tokens)
         if record.completion_tokens:
-            self.tokens.labels(team, key, model, "completion").inc(record.completion_tokens)
+            self._child(self.tokens, team, key, model, "completion").inc(record.completion_tokens)
         for action in record.moderation:
-            self.moderation_actions.labels(action["rule"], action["action"], action["direction"]).inc()
+            self._child(self.moderation_actions, action["rule"], action["action"], action["direction"]).inc()
         if record.quota_limit:
-            self.quota_rejections.labels(team, record.quota_limit).inc()
+            self._child(self.quota_rejections, team, record.quota_limit).inc()
         if record.upstream_error and record.upstream:
-            self.upstream_errors.labels(record.upstream, record.upstream_error).inc()
-        self.request_duration.labels(record.endpoint, model).observe(record.elapsed())
+            self._child(self.upstream_errors, record.upstream, record.upstream_error).inc()
+        self._child(self.request_duration, record.endpoint, model).observe(record.elapsed())
         if record.ttft_ms is not None:
-            self.time_to_first_token.labels(model).observe(record.ttft_ms / 1000)
+            self._child(self.time_to_first_token, model).observe(record.ttft_ms / 1000)
         if record.overhead_seconds is not None:
-            self.overhead.labels(record.endpoint).observe(record.overhead_seconds)
+            self._child(self.overhead, record.endpoint).observe(record.overhead_seconds)

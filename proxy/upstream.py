@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 
 import aiohttp
+from yarl import URL
 
 from .auth import model_matches
 from .circuit import CircuitBreaker
@@ -52,6 +53,7 @@ class Upstream:
         self._api_key = environ.get(config.api_key_env) if config.api_key_env else None
         self._session: aiohttp.ClientSession | None = None
         self.breaker = CircuitBreaker(config.circuit_failures, config.circuit_cooldown_seconds)
+        self._urls: dict[str, URL] = {}  # parsed once per path, not per request
 
     def serves(self, model: str) -> bool:
         return model_matches(model, self.config.models)
@@ -74,6 +76,7 @@ class Upstream:
             timeout=timeout,
             connector=connector,
             skip_auto_headers=("User-Agent",),
+            cookie_jar=aiohttp.DummyCookieJar(),  # a provider's cookies are no business of other clients
             trust_env=False,
         )
 
@@ -94,8 +97,11 @@ class Upstream:
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
         """Send a request; the caller must release the response."""
         assert self._session is not None, "upstream not started"
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = URL(self.config.base_url + path)
         try:
-            return await self._session.post(self.config.base_url + path, data=body, headers=headers)
+            return await self._session.post(url, data=body, headers=headers)
         except (aiohttp.ServerTimeoutError, TimeoutError):
             raise upstream_timeout(self.name) from None
         except aiohttp.ClientError as exc:
