@@ -64,16 +64,24 @@ def cmd_hash_key(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
+def _settings_for(command: str, args: argparse.Namespace) -> tuple[str, Settings] | int:
+    """The config a command runs with, or its exit code: 2 without a path, 1 with problems."""
     path = _config_path(args)
     if not path:
-        print(f"sluice serve: give --config PATH or set {CONFIG_PATH_ENV}", file=sys.stderr)
+        print(f"sluice {command}: give --config PATH or set {CONFIG_PATH_ENV}", file=sys.stderr)
         return 2
     try:
-        settings = _load_checked(path)
+        return path, _load_checked(path)
     except ConfigError as exc:
         _print_problems(exc.problems)
         return 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    loaded = _settings_for("serve", args)
+    if isinstance(loaded, int):
+        return loaded
+    path, settings = loaded
     configure_logging(settings.logging.level, settings.logging.format)
     try:
         run_event_loop(serve(settings, args.host, args.port, config_path=path))
@@ -84,15 +92,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
-    path = _config_path(args)
-    if not path:
-        print(f"sluice usage: give --config PATH or set {CONFIG_PATH_ENV}", file=sys.stderr)
-        return 2
-    try:
-        settings = load_settings(path)
-    except ConfigError as exc:
-        _print_problems(exc.problems)
-        return 1
+    loaded = _settings_for("usage", args)
+    if isinstance(loaded, int):
+        return loaded
+    _, settings = loaded
     try:
         report = run_event_loop(_read_usage(settings, args.team))
     except StoreUnavailable as exc:

@@ -383,6 +383,15 @@ async def _open_upstream(
     return upstream, resp
 
 
+async def _read_whole(upstream: Upstream, resp: aiohttp.ClientResponse) -> bytes:
+    try:
+        return await resp.read()
+    except (aiohttp.ServerTimeoutError, TimeoutError):
+        raise upstream_timeout(upstream.name) from None
+    except aiohttp.ClientError as exc:
+        raise upstream_unreachable(upstream.name, exc) from None
+
+
 async def _forward_whole(
     request: web.Request,
     runtime: Runtime,
@@ -394,12 +403,7 @@ async def _forward_whole(
     sent = time.monotonic()
     upstream, resp = await _open_upstream(request, runtime, candidates, parsed, body, record)
     async with resp:
-        try:
-            answer = await resp.read()
-        except (aiohttp.ServerTimeoutError, TimeoutError):
-            raise upstream_timeout(upstream.name) from None
-        except aiohttp.ClientError as exc:
-            raise upstream_unreachable(upstream.name, exc) from None
+        answer = await _read_whole(upstream, resp)
         status, upstream_headers = resp.status, resp.headers
     record.upstream_wait = time.monotonic() - sent
     out_headers = forwarded_response_headers(upstream_headers)
@@ -462,12 +466,7 @@ async def _forward_stream(
     try:
         if resp.status != 200 or "text/event-stream" not in resp.headers.get(hdrs.CONTENT_TYPE, ""):
             # An upstream error (or an answer that is not a stream) passes through as it came.
-            try:
-                answer = await resp.read()
-            except (aiohttp.ServerTimeoutError, TimeoutError):
-                raise upstream_timeout(upstream.name) from None
-            except aiohttp.ClientError as exc:
-                raise upstream_unreachable(upstream.name, exc) from None
+            answer = await _read_whole(upstream, resp)
             if resp.status >= 500:
                 record.upstream_error = "http_5xx"
             return web.Response(

@@ -47,6 +47,15 @@ def text_of(chunks, index=0):
     )
 
 
+def arguments_of(chunks):
+    return "".join(
+        call["function"].get("arguments") or ""
+        for chunk in chunks
+        for choice in chunk["choices"]
+        for call in choice["delta"].get("tool_calls") or []
+    )
+
+
 def finish_of(chunks, index=0):
     reasons = [c["finish_reason"] for chunk in chunks for c in chunk["choices"] if c["index"] == index and c["finish_reason"]]
     assert len(reasons) == 1, reasons
@@ -116,12 +125,7 @@ async def test_each_choice_has_its_own_window(moderated):
 async def test_block_in_tool_call_arguments(moderated):
     request = body("", tool_call={"name": "lookup", "arguments": '{"q": "the launch codes please"}'}, chunk_chars=3)
     chunks = await stream_events(moderated, request)
-    arguments = "".join(
-        call["function"].get("arguments") or ""
-        for chunk in chunks
-        for choice in chunk["choices"]
-        for call in choice["delta"].get("tool_calls") or []
-    )
+    arguments = arguments_of(chunks)
     assert arguments == '{"q": "the '
     assert finish_of(chunks) == "content_filter"
 
@@ -129,12 +133,7 @@ async def test_block_in_tool_call_arguments(moderated):
 async def test_redaction_in_tool_call_arguments(moderated):
     request = body("", tool_call={"name": "send", "arguments": '{"to": "ann@example.com"}'}, chunk_chars=2)
     chunks = await stream_events(moderated, request)
-    arguments = "".join(
-        call["function"].get("arguments") or ""
-        for chunk in chunks
-        for choice in chunk["choices"]
-        for call in choice["delta"].get("tool_calls") or []
-    )
+    arguments = arguments_of(chunks)
     assert arguments == '{"to": "[REDACTED:email]"}'
 
 
