@@ -19,7 +19,7 @@ from .errors import GatewayError
 
 def hash_key(secret: str) -> str:
     """The hex sha256 that a key entry stores for ``secret``."""
-    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+    return hashlib.sha256(secret.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def model_matches(model: str, globs: list[str] | tuple[str, ...]) -> bool:

@@ -88,6 +88,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as exc:  # the port is taken, the host is not ours
         print(f"sluice serve: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    except StoreUnavailable as exc:
+        print(f"sluice serve: the {settings.accounting.store} store is unavailable: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

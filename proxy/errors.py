@@ -69,3 +69,8 @@ class UpstreamFailure(GatewayError):
     def __init__(self, status: int, code: str, message: str, kind: str):
         super().__init__(status, code, message)
         self.kind = kind
+
+    @property
+    def never_sent(self) -> bool:
+        """No connection was made: the provider never saw the request, so nothing is charged."""
+        return self.kind == "connect"

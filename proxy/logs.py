@@ -13,6 +13,7 @@ import sys
 from typing import Any, TextIO
 
 import structlog
+from aiohttp.http_exceptions import HttpProcessingError
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -37,6 +38,12 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
     )
     # aiohttp and asyncio log through the standard library; keep their warnings, in the same stream.
     logging.basicConfig(level=logging.WARNING, stream=stream or sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.server").addFilter(_no_traceback_for_bad_requests)
+
+
+def _no_traceback_for_bad_requests(record: logging.LogRecord) -> bool:
+    """A malformed request is the client's problem, already answered with a 400: not worth a traceback."""
+    return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
 
 
 def debug_enabled() -> bool:

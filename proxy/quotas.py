@@ -12,7 +12,14 @@ import asyncio
 import time
 from collections.abc import Callable
 
-from .accounting import LedgerEntry, QuotaStore, Rejection, Reservation, StoreUnavailable, Subject
+from .accounting import (
+    LedgerEntry,
+    QuotaStore,
+    Rejection,
+    Reservation,
+    StoreUnavailable,
+    Subject,
+)
 from .auth import Caller
 from .config import AccountingConfig
 from .errors import GatewayError

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from .logs import log
 from .sse import KEEPALIVE, EventTooLarge, SSEDecoder
 from .stream_rewriter import StreamRewriter, UpstreamStreamError, error_event
 
@@ -57,6 +58,7 @@ async def relay_stream(
     outcome = StreamOutcome()
     decoder = SSEDecoder(max_event_bytes)
     content = upstream.content
+    out = b""
     try:
         while not rewriter.done:
             try:
@@ -67,8 +69,13 @@ async def relay_stream(
                     await _write(response, KEEPALIVE)
                     continue
                 raise
-            events = decoder.feed(data) if data else decoder.finish()
             out = b""
+            try:
+                events = decoder.feed(data) if data else decoder.finish()
+            except EventTooLarge as exc:
+                for event in exc.events:
+                    out += rewriter.event(event.data)
+                raise
             for event in events:
                 outcome.upstream_events += 1
                 out += rewriter.event(event.data)
@@ -83,12 +90,13 @@ async def relay_stream(
             if out:
                 if outcome.first_text_at is None and rewriter.delivered_text:
                     outcome.first_text_at = time.monotonic()
-                await _write(response, out)
+                pending, out = out, b""
+                await _write(response, pending)
         outcome.completed = rewriter.blocked is None
     except ClientGone:
         outcome.client_gone = True
     except (UpstreamStreamError, EventTooLarge) as exc:
-        await _end_with_error(response, rewriter, outcome, str(exc), "upstream_error")
+        await _end_with_error(response, rewriter, outcome, str(exc), "upstream_error", out)
     except (aiohttp.ServerTimeoutError, TimeoutError):
         await _end_with_error(
             response, rewriter, outcome, "The upstream went silent mid-stream past the read timeout.", "upstream_timeout"
@@ -97,16 +105,26 @@ async def relay_stream(
         await _end_with_error(
             response, rewriter, outcome, f"The upstream connection broke mid-stream ({type(exc).__name__}).", "upstream_error"
         )
+    except Exception:
+        # Headers are sent: a 500 is no longer possible, but a well-formed ending is.
+        log.exception("relaying a stream failed")
+        await _end_with_error(response, rewriter, outcome, "The gateway failed while relaying the stream.", "internal_error")
     return outcome
 
 
 async def _end_with_error(
-    response: web.StreamResponse, rewriter: StreamRewriter, outcome: StreamOutcome, message: str, code: str
+    response: web.StreamResponse,
+    rewriter: StreamRewriter,
+    outcome: StreamOutcome,
+    message: str,
+    code: str,
+    pending: bytes = b"",
 ) -> None:
+    """End with what was already rewritten (``pending``), what the windows hold, then the error event."""
     outcome.error = code
     outcome.notes.append(message)
     try:
-        await _write(response, rewriter.flush_before_error() + error_event(message, code))
+        await _write(response, pending + rewriter.flush_before_error() + error_event(message, code))
     except ClientGone:
         outcome.client_gone = True
 

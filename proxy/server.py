@@ -14,8 +14,9 @@ import re
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import structlog
@@ -38,8 +39,8 @@ from .upstream import (
     forwarded_response_headers,
     send_with_failover,
     upstream_bad_answer,
+    upstream_broken,
     upstream_timeout,
-    upstream_unreachable,
 )
 from .validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, parse_request
 
@@ -248,8 +249,9 @@ def _authorize(runtime: Runtime, caller: Caller, model: str) -> list[Upstream]:
 
 # Models that take only ``max_completion_tokens`` (OpenAI's reasoning families).
 _COMPLETION_TOKENS_ONLY = re.compile(r"^(o\d|gpt-5)")
-# Above this many body bytes, counting the prompt moves off the event loop.
-_COUNT_IN_THREAD_BYTES = 64 * 1024
+# Above this many body bytes, counting and moderating the prompt move off the event loop.
+_LARGE_BODY_BYTES = 64 * 1024
+T = TypeVar("T")
 
 
 def _requested_max_tokens(parsed: ParsedRequest, default: int) -> int:
@@ -284,10 +286,11 @@ def _upstream_body(parsed: ParsedRequest, body: bytes, rewritten: bool) -> bytes
     return json.dumps(payload).encode() if rewritten else body
 
 
-async def _count_prompt(parsed: ParsedRequest, body_size: int) -> int:
-    if body_size > _COUNT_IN_THREAD_BYTES:
-        return await asyncio.to_thread(_prompt_text_count, parsed)
-    return _prompt_text_count(parsed)
+async def _off_loop_if_large(body_size: int, work: Callable[..., T], *args: Any) -> T:
+    """Run CPU-bound work on a large prompt in a thread, so it stalls no other client."""
+    if body_size > _LARGE_BODY_BYTES:
+        return await asyncio.to_thread(work, *args)
+    return work(*args)
 
 
 def _usage_from(usage: Any) -> tuple[int, int] | None:
@@ -315,12 +318,14 @@ def proxy_handler(endpoint: str) -> Any:
             record.model, record.stream = parsed.model, parsed.stream
             candidates = _authorize(runtime, caller, parsed.model)
             record.upstream = candidates[0].name
-            record.prompt_tokens = await _count_prompt(parsed, len(body))
+            record.prompt_tokens = await _off_loop_if_large(len(body), _prompt_text_count, parsed)
             requested = _requested_max_tokens(parsed, runtime.settings.accounting.default_max_tokens)
             reservation = await gateway.quotas.reserve(caller, record.prompt_tokens, requested)
             admitted = True
             extra_headers = reservation.headers() if reservation is not None else {}
-            rewritten = runtime.moderates("input") and _moderate_input(runtime, parsed, record)
+            rewritten = runtime.moderates("input") and await _off_loop_if_large(
+                len(body), _moderate_input, runtime, parsed, record
+            )
             if reservation is not None and endpoint != EMBEDDINGS and limits_tokens(caller):
                 _cap_answer(parsed, reservation)
                 rewritten = True
@@ -338,6 +343,8 @@ def proxy_handler(endpoint: str) -> Any:
                 record.quota_limit = exc.limit
             elif isinstance(exc, UpstreamFailure):
                 record.upstream_error = exc.kind
+                if exc.never_sent:
+                    record.prompt_tokens = 0  # nothing reached the provider
             raise
         except asyncio.CancelledError:
             record.status, record.error = 499, "client_closed_request"
@@ -389,7 +396,7 @@ async def _read_whole(upstream: Upstream, resp: aiohttp.ClientResponse) -> bytes
     except (aiohttp.ServerTimeoutError, TimeoutError):
         raise upstream_timeout(upstream.name) from None
     except aiohttp.ClientError as exc:
-        raise upstream_unreachable(upstream.name, exc) from None
+        raise upstream_broken(upstream.name, exc) from None
 
 
 async def _forward_whole(

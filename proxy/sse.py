@@ -25,7 +25,15 @@ class Event:
 
 
 class EventTooLarge(Exception):
-    """An event grew past ``max_event_bytes``: the stream is unsafe to keep buffering."""
+    """An event grew past ``max_event_bytes``: the stream is unsafe to keep buffering.
+
+    ``events`` are the ones completed in the same ``feed`` before it: they are
+    good and must still be delivered.
+    """
+
+    def __init__(self, message: str, events: list[Event] | None = None):
+        super().__init__(message)
+        self.events = events or []
 
 
 class SSEDecoder:
@@ -62,13 +70,16 @@ class SSEDecoder:
         events: list[Event] = []
         start = 0
         find = buffer.find
-        while (end := find(b"\n", start)) != -1:
-            event = self._line(buffer[start:end])
-            if event is not None:
-                events.append(event)
-            start = end + 1
-        self._buffer = buffer[start:]
-        self._check_size(len(self._buffer))
+        try:
+            while (end := find(b"\n", start)) != -1:
+                event = self._line(buffer[start:end])
+                if event is not None:
+                    events.append(event)
+                start = end + 1
+            self._buffer = buffer[start:]
+            self._check_size(len(self._buffer))
+        except EventTooLarge as exc:
+            raise EventTooLarge(str(exc), events) from None
         return events
 
     def finish(self) -> list[Event]:

@@ -12,9 +12,7 @@ forwarded as the very bytes that arrived: no re-encoding on the fast path.
 from __future__ import annotations
 
 import json
-from typing import Any
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .sse import DONE, encode_data
 
@@ -87,7 +85,7 @@ class StreamRewriter:
             raise UpstreamStreamError("The upstream sent an event that is not valid JSON.") from None
         if not isinstance(chunk, dict):
             raise UpstreamStreamError("The upstream sent an event that is not a JSON object.")
-        if "error" in chunk and "choices" not in chunk:
+        if chunk.get("error") or ("error" in chunk and "choices" not in chunk):
             raise UpstreamStreamError(_upstream_error_message(chunk["error"]))
         for field in ("id", "object", "created", "model"):
             if field in chunk:
@@ -159,6 +157,8 @@ class StreamRewriter:
     def _choice(self, choice: dict[str, Any]) -> tuple[bool, bool]:
         """Moderate one choice in place; return (keep it, it changed)."""
         index = choice.get("index", 0)
+        if not isinstance(index, int):
+            raise UpstreamStreamError("The upstream sent a choice whose index is not a number.")
         state = self._choices.get(index)
         if state is None:
             state = self._choices[index] = _Choice(self._engine)
@@ -211,6 +211,8 @@ class StreamRewriter:
             state.seen.append(arguments)
             if self._engine is None:
                 continue
+            if not isinstance(call.get("index", 0), int):
+                raise UpstreamStreamError("The upstream sent a tool call whose index is not a number.")
             window = state.tool_windows.get(call.get("index", 0))
             if window is None:
                 window = state.tool_windows[call.get("index", 0)] = self._engine.stream("output")

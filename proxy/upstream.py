@@ -104,8 +104,10 @@ class Upstream:
             return await self._session.post(url, data=body, headers=headers)
         except (aiohttp.ServerTimeoutError, TimeoutError):
             raise upstream_timeout(self.name) from None
-        except aiohttp.ClientError as exc:
+        except aiohttp.ClientConnectorError as exc:
             raise upstream_unreachable(self.name, exc) from None
+        except aiohttp.ClientError as exc:
+            raise upstream_broken(self.name, exc) from None
 
 
 def upstream_timeout(name: str) -> UpstreamFailure:
@@ -113,8 +115,15 @@ def upstream_timeout(name: str) -> UpstreamFailure:
 
 
 def upstream_unreachable(name: str, exc: BaseException) -> UpstreamFailure:
+    """No connection could be made: safe to retry elsewhere, nothing to charge."""
     reason = type(exc).__name__
     return UpstreamFailure(502, "upstream_error", f"The upstream {name!r} could not be reached ({reason}).", "connect")
+
+
+def upstream_broken(name: str, exc: BaseException) -> UpstreamFailure:
+    """The connection broke after the request went out: the provider may have seen it."""
+    reason = type(exc).__name__
+    return UpstreamFailure(502, "upstream_error", f"The upstream {name!r} broke the connection ({reason}).", "broken")
 
 
 def upstream_bad_answer(message: str) -> UpstreamFailure:

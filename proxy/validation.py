@@ -45,6 +45,8 @@ def decode_json_object(body: bytes) -> dict[str, Any]:
         payload = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise invalid_request(f"The request body is not valid JSON: {exc}.") from None
+    except RecursionError:
+        raise invalid_request("The request body is nested too deeply.") from None
     if not isinstance(payload, dict):
         raise invalid_request("The request body must be a JSON object.")
     return payload

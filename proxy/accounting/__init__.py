@@ -23,7 +23,12 @@ from proxy.accounting.quota import (
     ratelimit_headers,
     retry_headers,
 )
-from proxy.accounting.store import DEFAULT_LEASE_SECONDS, QuotaStore, StoreUnavailable, open_store
+from proxy.accounting.store import (
+    DEFAULT_LEASE_SECONDS,
+    QuotaStore,
+    StoreUnavailable,
+    open_store,
+)
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS",

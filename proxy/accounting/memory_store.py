@@ -10,9 +10,27 @@ from __future__ import annotations
 import uuid
 from typing import Iterable, Sequence
 
-from proxy.accounting.ledger import LedgerEntry, UsageReport, UsageRow, build_report, entry_rows
-from proxy.accounting.quota import CONCURRENCY, REQUESTS, Rejection, Reservation, Subject, decide, plan
-from proxy.accounting.store import DEFAULT_LEASE_SECONDS, RESERVATION_MEMORY_SECONDS, QuotaStore
+from proxy.accounting.ledger import (
+    LedgerEntry,
+    UsageReport,
+    UsageRow,
+    build_report,
+    entry_rows,
+)
+from proxy.accounting.quota import (
+    CONCURRENCY,
+    REQUESTS,
+    Rejection,
+    Reservation,
+    Subject,
+    decide,
+    plan,
+)
+from proxy.accounting.store import (
+    DEFAULT_LEASE_SECONDS,
+    RESERVATION_MEMORY_SECONDS,
+    QuotaStore,
+)
 
 _SWEEP_EVERY_SECONDS = 60.0
 

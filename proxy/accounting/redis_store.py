@@ -46,7 +46,13 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from proxy.accounting.ledger import LedgerEntry, UsageReport, UsageRow, build_report, period_keys
+from proxy.accounting.ledger import (
+    LedgerEntry,
+    UsageReport,
+    UsageRow,
+    build_report,
+    period_keys,
+)
 from proxy.accounting.quota import (
     CONCURRENCY,
     REQUESTS,
@@ -61,7 +67,12 @@ from proxy.accounting.quota import (
     plan,
     validate_amounts,
 )
-from proxy.accounting.store import DEFAULT_LEASE_SECONDS, RESERVATION_MEMORY_SECONDS, QuotaStore, StoreUnavailable
+from proxy.accounting.store import (
+    DEFAULT_LEASE_SECONDS,
+    RESERVATION_MEMORY_SECONDS,
+    QuotaStore,
+    StoreUnavailable,
+)
 
 PREFIX = "sluice:"
 LEDGER_STREAM = f"{PREFIX}ledger"

@@ -46,7 +46,14 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 from urllib.parse import quote
 
-from proxy.accounting.ledger import LedgerEntry, UsageReport, UsageRow, build_report, entry_rows, period_keys
+from proxy.accounting.ledger import (
+    LedgerEntry,
+    UsageReport,
+    UsageRow,
+    build_report,
+    entry_rows,
+    period_keys,
+)
 from proxy.accounting.memory_store import MemoryQuota
 from proxy.accounting.quota import MINUTE, Rejection, Reservation, Subject
 from proxy.accounting.store import DEFAULT_LEASE_SECONDS, QuotaStore, StoreUnavailable
@@ -119,6 +126,12 @@ def _connect(path: str, read_only: bool) -> sqlite3.Connection:
     for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000"):
         conn.execute(f"PRAGMA {pragma}")
     conn.executescript(_SCHEMA)
+    try:  # SQLite opens an unwritable file read-only without a word: find out now
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        conn.execute(f"PRAGMA user_version = {int(version)}")
+    except sqlite3.Error:
+        conn.close()
+        raise
     return conn
 
 
@@ -367,6 +380,11 @@ class SqliteStore(QuotaStore):
                 quota = MemoryQuota(lease_seconds)
                 for counter, tokens, expires in await worker.submit(_load_quota_usage):
                     quota.add(counter, tokens, expires)
+        except StoreUnavailable as exc:
+            await worker.stop()
+            if lock_fd is not None:
+                os.close(lock_fd)
+            raise StoreUnavailable(f"cannot open {path}: {exc}") from exc
         except BaseException:
             await worker.stop()
             if lock_fd is not None:
