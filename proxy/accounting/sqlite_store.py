@@ -250,6 +250,7 @@ class _Worker:
             batch = [] if first is None else [first]
             stopping = first is None
             if not stopping and self._commit_delay:
+                # This is the writer thread, not the event loop: let more jobs join the batch.
                 time.sleep(self._commit_delay)
             while not stopping and len(batch) < _MAX_BATCH:
                 try:
