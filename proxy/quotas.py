@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable
 
 from .accounting import (
@@ -24,6 +25,11 @@ from .auth import Caller
 from .config import AccountingConfig
 from .errors import GatewayError
 from .logs import log
+
+# Settles that failed are retried this often, oldest first, while the store stays down.
+SETTLE_RETRY_SECONDS = 1.0
+# At most this many failed settles wait for the store; beyond it the oldest are dropped (and logged).
+MAX_PENDING_SETTLES = 100_000
 
 
 class QuotaRejected(GatewayError):
@@ -56,6 +62,10 @@ class Quotas:
         self._on_store_error = on_store_error  # called with the failed operation, for the metric
         # Settles run as tasks of their own so a client that leaves cannot cancel them.
         self._settling: set[asyncio.Task[None]] = set()
+        # Settles the store refused, kept for when it is back: a store settles a
+        # reservation at most once, so a retry of one that did get through is harmless.
+        self._pending: deque[tuple[Reservation | None, LedgerEntry]] = deque()
+        self._retrying: asyncio.Task[None] | None = None
 
     async def reserve(self, caller: Caller, prompt_tokens: int, max_tokens: int) -> Reservation | None:
         """Admit or raise 429/503. ``None`` means admitted unmetered (store down, fail open)."""
@@ -82,13 +92,41 @@ class Quotas:
 
     async def _settle(self, reservation: Reservation | None, entry: LedgerEntry) -> None:
         try:
-            if reservation is None:
-                await self.store.record(entry)
-            else:
-                await self.store.settle(reservation, entry.prompt_tokens, entry.completion_tokens, time.time(), entry)
+            await self._apply(reservation, entry)
         except StoreUnavailable as exc:
             self._on_store_error("settle")
-            log.warning("quota store unavailable; usage not settled", error=str(exc), request_id=entry.request_id)
+            log.warning("quota store unavailable; settle will be retried", error=str(exc), request_id=entry.request_id)
+            self._keep_for_retry(reservation, entry)
+
+    async def _apply(self, reservation: Reservation | None, entry: LedgerEntry) -> None:
+        if reservation is None:
+            await self.store.record(entry)
+        else:
+            await self.store.settle(reservation, entry.prompt_tokens, entry.completion_tokens, time.time(), entry)
+
+    def _keep_for_retry(self, reservation: Reservation | None, entry: LedgerEntry) -> None:
+        if len(self._pending) >= MAX_PENDING_SETTLES:
+            dropped = self._pending.popleft()[1]
+            log.error("too many settles waiting for the store; one is lost", request_id=dropped.request_id)
+        self._pending.append((reservation, entry))
+        if self._retrying is None or self._retrying.done():
+            self._retrying = asyncio.get_running_loop().create_task(self._retry_pending())
+
+    async def _retry_pending(self) -> None:
+        while self._pending:
+            await asyncio.sleep(SETTLE_RETRY_SECONDS)
+            while self._pending:
+                reservation, entry = self._pending[0]
+                try:
+                    await self._apply(reservation, entry)
+                except StoreUnavailable:
+                    break
+                self._pending.popleft()
+        log.info("settles that waited for the store are done")
+
+    @property
+    def pending_settles(self) -> int:
+        return len(self._pending)
 
     async def drain(self) -> None:
         if self._settling:
@@ -104,4 +142,8 @@ class Quotas:
 
     async def close(self) -> None:
         await self.drain()
+        if self._retrying is not None:
+            self._retrying.cancel()
+            if self._pending:
+                log.error("the store is still down at shutdown; settles are lost", count=len(self._pending))
         await self.store.close()

@@ -145,3 +145,26 @@ async def test_store_down_rejects_or_allows(mock_upstream, start_gateway, redis_
     async with aiohttp.ClientSession() as session:
         async with session.get(closed.url + "/readyz") as resp:
             assert resp.status == 200
+
+
+async def test_a_settle_the_store_refused_is_retried_once_it_is_back(mock_upstream, start_gateway, redis_server_factory):
+    import redis as redis_py
+
+    redis = redis_server_factory()
+    gw = await start_gateway(limited(mock_upstream.url, team_limits={"requests_per_minute": 100}, store="redis", redis_url=redis.url))
+    quotas = gw.server.gateway.quotas
+    stream = await client(gw).chat.completions.create(**chat("settled later"), stream=True)
+    with redis_py.Redis.from_url(redis.url) as admin:
+        admin.execute_command("CLIENT", "PAUSE", 6000, "WRITE")  # Redis keeps its data but takes no writes
+    async for _ in stream:
+        pass
+    await quotas.drain()  # the settle timed out and now waits
+    assert quotas.pending_settles == 1
+    for _ in range(150):
+        if quotas.pending_settles == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert quotas.pending_settles == 0
+    report = (await quotas.store.usage(now=time.time())).to_dict("day")
+    assert report["keys"]["alice"]["requests"] == 1
+    assert report["keys"]["alice"]["completion_tokens"] == count_text("gpt-4o-mini", "settled later")
