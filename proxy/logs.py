@@ -46,8 +46,4 @@ def _no_traceback_for_bad_requests(record: logging.LogRecord) -> bool:
     return not (record.exc_info and isinstance(record.exc_info[1], HttpProcessingError))
 
 
-def debug_enabled() -> bool:
-    return structlog.get_logger().is_enabled_for(logging.DEBUG)  # type: ignore[attr-defined]
-
-
 log = structlog.get_logger("sluice")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -29,8 +29,6 @@ class StreamOutcome:
     error: str | None = None  # the error code sent as the final event
     client_gone: bool = False
     first_text_at: float | None = None  # monotonic time the first answer text was written
-    upstream_events: int = 0
-    notes: list[str] = field(default_factory=list)
 
 
 class ClientGone(Exception):
@@ -77,7 +75,6 @@ async def relay_stream(
                     out += rewriter.event(event.data)
                 raise
             for event in events:
-                outcome.upstream_events += 1
                 out += rewriter.event(event.data)
                 if rewriter.done:
                     break
@@ -122,7 +119,6 @@ async def _end_with_error(
 ) -> None:
     """End with what was already rewritten (``pending``), what the windows hold, then the error event."""
     outcome.error = code
-    outcome.notes.append(message)
     try:
         await _write(response, pending + rewriter.flush_before_error() + error_event(message, code))
     except ClientGone:
