@@ -126,20 +126,30 @@ def metric_value(text: str, name: str, labels: str = "") -> float | None:
     return float(match.group(1)) if match else None
 
 
+def upstream_connections_in_use(gateway) -> int:
+    """Connections to upstreams still checked out of their pools (aiohttp keeps no public count)."""
+    return sum(
+        len(upstream._session.connector._acquired)
+        for upstream in gateway.runtime.router.upstreams
+        if upstream._session is not None
+    )
+
+
 async def assert_no_leaks(gw, baseline_tasks: int, timeout: float = 3.0) -> None:
-    """In flight 0, no active stream, no more tasks than before the fault (after a short settle)."""
+    """In flight 0, no active stream, no upstream connection held, no more tasks than before the fault."""
     gateway = gw.server.gateway
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         active = gateway.metrics.registry.get_sample_value("sluice_active_streams")
         tasks = asyncio.all_tasks()
-        if gateway.inflight == 0 and active == 0 and len(tasks) <= baseline_tasks:
+        held = upstream_connections_in_use(gateway)
+        if gateway.inflight == 0 and active == 0 and held == 0 and len(tasks) <= baseline_tasks:
             break
         if loop.time() > deadline:
             names = sorted(str(t.get_coro()) for t in tasks)
             raise AssertionError(
-                f"leak: inflight={gateway.inflight} active_streams={active} "
+                f"leak: inflight={gateway.inflight} active_streams={active} upstream_connections={held} "
                 f"tasks={len(tasks)} > baseline {baseline_tasks}: {names}"
             )
         await asyncio.sleep(0.05)
