@@ -335,7 +335,8 @@ def proxy_handler(endpoint: str) -> Any:
             else:
                 response = await _forward_whole(request, runtime, candidates, parsed, upstream_body, record)
                 response.headers.update(extra_headers)
-            record.status = response.status
+            # A client that left mid-stream is a 499 however it was noticed (a failed write or a cancel).
+            record.status = 499 if record.error == "client_closed_request" else response.status
             return response
         except GatewayError as exc:
             record.status, record.error = exc.status, exc.code
