@@ -249,12 +249,11 @@ class _Worker:
             first = self._jobs.get()
             batch = [] if first is None else [first]
             stopping = first is None
-            if not stopping and self._commit_delay:
-                # This is the writer thread, not the event loop: let more jobs join the batch.
-                time.sleep(self._commit_delay)
+            # Jobs that arrive within the commit delay of the first join its batch (group commit).
+            closes = time.monotonic() + self._commit_delay
             while not stopping and len(batch) < _MAX_BATCH:
                 try:
-                    item = self._jobs.get_nowait()
+                    item = self._jobs.get(timeout=max(0.0, closes - time.monotonic()))
                 except queue.Empty:
                     break
                 if item is None:
