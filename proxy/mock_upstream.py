@@ -474,6 +474,13 @@ async def _before_answer(request: web.Request, control: MockControl) -> float:
     return control.delay_ms if control.delay_ms is not None else request.app[MOCK_STATE].delay_ms
 
 
+def _answer_options(body: dict[str, Any]) -> tuple[bool, MockControl, int, int | None, bool]:
+    """What chat and completions read alike: stream, the mock controls, n, max tokens, usage."""
+    stream_wanted = _wants_stream(body)
+    control = MockControl.parse(body.get("mock"))
+    return stream_wanted, control, _choice_count(body), _max_tokens(body), stream_wanted and _wants_usage(body, control)
+
+
 # --- handlers ---------------------------------------------------------------
 
 
@@ -483,11 +490,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "`messages` must be a non-empty array")
-    stream_wanted = _wants_stream(body)
-    control = MockControl.parse(body.get("mock"))
-    n = _choice_count(body)
-    max_tokens = _max_tokens(body)
-    include_usage = stream_wanted and _wants_usage(body, control)
+    stream_wanted, control, n, max_tokens, include_usage = _answer_options(body)
 
     delay_ms = await _before_answer(request, control)
     if control.raw is not None:
@@ -592,11 +595,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     prompt = body.get("prompt")
     if not isinstance(prompt, (str, list)):
         raise _bad("prompt", "`prompt` must be a string or an array")
-    stream_wanted = _wants_stream(body)
-    control = MockControl.parse(body.get("mock"))
-    n = _choice_count(body)
-    max_tokens = _max_tokens(body)
-    include_usage = stream_wanted and _wants_usage(body, control)
+    stream_wanted, control, n, max_tokens, include_usage = _answer_options(body)
 
     delay_ms = await _before_answer(request, control)
     if control.raw is not None:
