@@ -80,3 +80,46 @@ def test_a_rejection_leaves_no_trace():
     team = Subject("team", "t", LimitsConfig(requests_per_minute=0))
     assert isinstance(quota.reserve([KEYS[0], team], 1, 1, T0), Rejection)
     assert quota._counters == {} and quota._open == {}
+
+
+def test_expired_leases_go_first_whatever_was_settled_in_between():
+    """Slots are checked from the oldest lease: settling some in the middle must not hide an expired one."""
+    team = Subject("team", "busy", LimitsConfig(max_concurrent_requests=3))
+    quota = MemoryQuota(lease_seconds=60)
+    first, middle, last = (quota.reserve([team], 1, 1, T0 + i) for i in range(3))
+    assert isinstance(quota.reserve([team], 1, 1, T0 + 3), Rejection)  # three slots held
+    assert quota.settle(middle, 2)
+    fourth = quota.reserve([team], 1, 1, T0 + 4)  # takes the freed slot
+    assert isinstance(fourth, Reservation)
+    # At T0 + 60.5 only the first lease (taken at T0) has run out.
+    assert isinstance(quota.reserve([team], 1, 1, T0 + 60.5), Reservation)
+    assert isinstance(quota.reserve([team], 1, 1, T0 + 60.6), Rejection)
+    assert quota.settle(last, 2) and quota.settle(fourth, 2)
+
+
+def test_a_check_does_not_walk_every_held_slot():
+    """2,000 open streams must not make each new request scan 2,000 leases."""
+    team = Subject("team", "wide", LimitsConfig(max_concurrent_requests=10**6))
+    quota = MemoryQuota(lease_seconds=600)
+    for i in range(2000):
+        assert isinstance(quota.reserve([team], 1, 1, T0 + i / 1000), Reservation)
+    probe = quota._slots["team:wide"] = _CountingDict(quota._slots["team:wide"])
+    quota.reserve([team], 1, 1, T0 + 3)
+    assert probe.items_calls == 0 and probe.first_keys <= 2
+
+
+class _CountingDict(dict):
+    """A slot table that counts how it is read."""
+
+    def __init__(self, data):
+        super().__init__(data)
+        self.items_calls = 0
+        self.first_keys = 0
+
+    def items(self):
+        self.items_calls += 1
+        return super().items()
+
+    def __iter__(self):
+        self.first_keys += 1
+        return super().__iter__()
