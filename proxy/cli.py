@@ -77,12 +77,34 @@ def _settings_for(command: str, args: argparse.Namespace) -> tuple[str, Settings
         return 1
 
 
+def raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard one.
+
+    Every stream holds two sockets (the client's and the upstream's), so the
+    common default soft limit of 1,024 would refuse connections at about 500
+    streams, long before memory or CPU run out.
+    """
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = max(soft, 1 << 20)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # keep what we have; the system said no
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     loaded = _settings_for("serve", args)
     if isinstance(loaded, int):
         return loaded
     path, settings = loaded
     configure_logging(settings.logging.level, settings.logging.format)
+    raise_open_file_limit()
     try:
         run_event_loop(serve(settings, args.host, args.port, config_path=path))
     except OSError as exc:  # the port is taken, the host is not ours

@@ -754,7 +754,7 @@ async def run_mock_upstream(host: str, port: int, delay_ms: float) -> None:
     runner = web.AppRunner(create_mock_app(delay_ms), handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, backlog=4096).start()  # benchmarks open thousands of streams at once
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -57,7 +57,7 @@ def _request_id(request: web.Request) -> str:
     given = request.headers.get("x-request-id")
     if given and _REQUEST_ID.match(given):
         return given
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # as random as uuid4().hex, without building a UUID
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -103,8 +103,10 @@ async def _stamp_request_id(request: web.Request, response: web.StreamResponse) 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
     too_large = GatewayError(413, "request_too_large", f"The request body is larger than {limit} bytes.")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
+    if request.content_length is not None:
+        if request.content_length > limit:
+            raise too_large
+        return await request.read()  # the declared length caps what aiohttp reads
     chunks = []
     size = 0
     async for chunk in request.content.iter_any():
@@ -622,8 +624,15 @@ class GatewayServer:
             await self._runners.pop().cleanup()
 
 
+# Connections waiting to be accepted. aiohttp's default of 128 overflows when
+# thousands of clients connect at once (a deploy, a retry storm): the kernel then
+# drops handshakes, and clients wait seconds for their SYN retries. The kernel
+# caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 4096
+
+
 async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
-    site = web.TCPSite(runner, host, port, reuse_address=True)
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=LISTEN_BACKLOG)
     await site.start()
     server = site._server
     return server.sockets[0].getsockname()[1] if port == 0 and server else port  # type: ignore[union-attr]
