@@ -5,7 +5,7 @@ Run from the repository root with the project's venv:
     python tests/bench/soak.py [--minutes 10] [--concurrency 50] [--seed N]
 
 It starts two processes on free loopback ports and always stops them at the
-end, as bench_gateway.py does: the mock model (``python -m proxy mock-upstream``)
+end, as the benchmark suite does: the mock model (``python -m proxy mock-upstream``)
 and the gateway (``python -m proxy serve --config <temp yaml>``: sqlite store in
 a temp dir, moderation on with an email redact rule and a 20-term block list,
 logging at info in JSON to a temp file). ``--concurrency`` workers in this
@@ -54,7 +54,7 @@ import aiohttp
 from proxy.auth import hash_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # this folder is not a package
-from bench_gateway import (
+from harness import (
     MODEL,
     SECRET,
     WORDS,
