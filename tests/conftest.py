@@ -50,7 +50,7 @@ async def start_mock(delay_ms: float = 0.0) -> tuple[web.AppRunner, MockUpstream
     app = create_mock_app(delay_ms=delay_ms)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     return runner, MockUpstream(f"http://127.0.0.1:{port}/v1", port, app[MOCK_STATE])

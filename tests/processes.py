@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import signal
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class GatewayProcess:
     """``sluice serve`` in a child process, on its own port."""
 
-    def __init__(self, config: dict, path: Path):
+    def __init__(self, config: dict, path: Path, open_files_soft_limit: int | None = None):
+        self.open_files_soft_limit = open_files_soft_limit  # start the child with this RLIMIT_NOFILE soft limit
         self.port = free_port()
         config = json.loads(json.dumps(config))
         config["server"]["port"] = self.port
@@ -34,6 +36,7 @@ class GatewayProcess:
             sys.executable, "-m", "proxy", "serve", "--config", str(self.path),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
             env={**os.environ, "SLUICE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+            preexec_fn=self._limit_open_files if self.open_files_soft_limit else None,
         )
         async with aiohttp.ClientSession() as session:
             for _ in range(400):
@@ -46,6 +49,10 @@ class GatewayProcess:
                     pass
                 await asyncio.sleep(0.05)
         raise AssertionError("the gateway did not become ready")
+
+    def _limit_open_files(self) -> None:
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files_soft_limit, hard))
 
     async def __aexit__(self, *exc_info) -> None:
         await self.stop()

@@ -1,0 +1,547 @@
+"""The benchmark suite: every scenario direct to the mock model, through Sluice and through LiteLLM, in one run.
+
+    python -m tests.bench.suite                       # about 6 minutes; add the peer with SLUICE_BENCH_LITELLM
+    SLUICE_BENCH_LITELLM=/path/to/venv/bin/python python -m tests.bench.suite
+    python -m tests.bench.suite --make-litellm-venv /tmp/litellm-venv   # build the peer's venv from PyPI first
+    python -m tests.bench.suite --only chat-c50,stream-c50 --seconds 5
+    python -m tests.bench.suite --profile /tmp/sluice.prof              # Sluice under cProfile; read the profile
+
+Services, each its own process on a free loopback port, stopped at the end:
+three mock models (one per pace: a whole answer after ``--delay-ms``, a
+stream with ``--chunk-delay-ms`` before each word, and a slow stream for the
+open-streams scenario), Sluice (``sluice serve``: moderation with all six PII
+rules and a 10,000-term block list, the sqlite store, limits set far above
+the load so the limiter runs but never refuses, JSON logs at info to a file),
+and, when ``SLUICE_BENCH_LITELLM`` names a Python with ``litellm[proxy]``,
+LiteLLM's proxy routed to the same mocks. The load comes from
+``tests/bench/loadgen.py``, a separate process per run.
+
+Scenarios run one after another; within one, direct first, then Sluice, then
+LiteLLM, each after a warm-up at the same concurrency. Figures are ratios
+against the direct run of the same scenario, so they compare like with like
+on whatever the machine is doing. Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from proxy.auth import hash_key
+from proxy.config import ModerationConfig
+from proxy.moderation import ModerationEngine
+from tests.bench import litellm_peer
+from tests.bench.harness import (
+    MIB,
+    REPO,
+    SECRET,
+    cpu_seconds,
+    free_port,
+    machine_busy_seconds,
+    machine_line,
+    moderation_terms,
+    rss_bytes,
+    start_process,
+    stop_process,
+    wait_healthy,
+    words,
+)
+
+# One mock per pace, told apart by model name, so every gateway routes by model alone.
+WHOLE_MODEL, STREAM_MODEL, SLOW_MODEL = "gpt-4o-mini", "gpt-4o", "gpt-4.1"
+PII_ENTITIES = ("email", "phone", "credit_card", "ipv4", "iban", "secret")
+TERMS = 10_000
+LITELLM_KEY = "sk-litellm-bench-master-key"
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    title: str
+    model: str
+    answer_words: int  # the mock echoes the prompt, one word per streamed chunk
+    concurrency: int
+    stream: bool = False
+    hold: bool = False  # open every stream at once and measure memory
+
+
+SCENARIOS = (
+    Scenario("chat-c1", "non-streamed small chat, concurrency 1", WHOLE_MODEL, 20, 1),
+    Scenario("chat-c50", "non-streamed small chat, concurrency 50", WHOLE_MODEL, 20, 50),
+    Scenario("chat-c200", "non-streamed small chat, concurrency 200", WHOLE_MODEL, 20, 200),
+    Scenario("stream-c50", "streamed 200-token answers, concurrency 50", STREAM_MODEL, 200, 50, stream=True),
+    Scenario("stream-c500", "streamed 200-token answers, concurrency 500", STREAM_MODEL, 200, 500, stream=True),
+    Scenario("open-2000", "2,000 concurrent open streams", SLOW_MODEL, 12, 2000, stream=True, hold=True),
+)
+
+
+@dataclass
+class Target:
+    """Where a run sends its load, and the process whose CPU and memory it reports."""
+
+    name: str
+    base_url: str  # ends in /v1
+    headers: dict[str, str]
+    pid: int | None  # None for direct: the mock is the baseline, not a gateway
+
+
+@dataclass
+class Run:
+    """One scenario against one target: what the load generator saw, and what the server used."""
+
+    load: dict[str, Any]
+    cpu_seconds: float = math.nan  # the target process (tree)
+    client_cpu_seconds: float = math.nan
+    machine_cpu_seconds: float = math.nan
+    rss_peak: float = math.nan  # bytes, sampled
+    rss_before: float = math.nan
+    rss_ready: float = math.nan  # hold mode: with every stream open
+
+
+@dataclass
+class Services:
+    mocks: dict[str, str] = field(default_factory=dict)  # model -> base url
+    mock_pids: list[int] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
+
+
+# -- configs -------------------------------------------------------------------
+
+
+def moderation_rules(terms_file: Path) -> list[dict[str, Any]]:
+    rules: list[dict[str, Any]] = [
+        {"name": f"pii-{entity}", "type": "pii", "entity": entity, "action": "redact"} for entity in PII_ENTITIES
+    ]
+    rules.append({"name": "banned", "type": "terms", "terms_file": str(terms_file), "match": "word", "action": "block"})
+    return rules
+
+
+def sluice_config(tmp: Path, port: int, mocks: dict[str, str], moderation: bool) -> Path:
+    big = 10**12
+    terms_file = tmp / "terms.txt"
+    terms_file.write_text("\n".join(moderation_terms(TERMS)) + "\n", encoding="utf-8")
+    config: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": 2},
+        "upstreams": [
+            {"name": model.replace(".", "-"), "base_url": url, "models": [model],
+             "connect_timeout_seconds": 10, "read_timeout_seconds": 120}
+            for model, url in mocks.items()
+        ],
+        # Limits far above the load: the limiter, the clamp of max_tokens and the ledger all run, never refuse.
+        "teams": [{"name": "bench", "models": ["*"], "limits": {
+            "requests_per_minute": big, "tokens_per_minute": big, "tokens_per_day": big,
+            "tokens_per_month": big, "max_concurrent_requests": 10**6}}],
+        "keys": [{"id": "bench", "team": "bench", "sha256": hash_key(SECRET)}],
+        "accounting": {"store": "sqlite", "sqlite_path": str(tmp / "sluice.db")},
+        "logging": {"level": "info", "format": "json"},
+    }
+    if moderation:
+        config["moderation"] = {"rules": moderation_rules(terms_file)}
+    path = tmp / "sluice.yaml"
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")  # JSON is YAML
+    return path
+
+
+def request_body(scenario: Scenario, stream: bool) -> str:
+    body: dict[str, Any] = {"model": scenario.model, "messages": [{"role": "user", "content": words(scenario.answer_words)}]}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body)
+
+
+def window_holdback_chars(scenario: Scenario, moderation: bool, tmp: Path) -> int:
+    """Characters of the answer the moderation window holds before it first releases text.
+
+    The mock streams one word per chunk; a direct client's "release" time is when
+    it has more than this many characters, which is the earliest the gateway may
+    show the first token. Computed with the very rules the gateway runs.
+    """
+    if not moderation:
+        return 0
+    engine = ModerationEngine.from_config(ModerationConfig(rules=moderation_rules(tmp / "terms.txt")))
+    window = engine.stream("output")
+    seen = 0
+    for word in words(scenario.answer_words).split(" "):
+        chunk = word + " "
+        if window.feed(chunk).text:
+            return seen
+        seen += len(chunk)
+    return seen
+
+
+# -- running -------------------------------------------------------------------
+
+
+async def run_loadgen(args: list[str], on_ready: Any = None) -> dict[str, Any]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tests.bench.loadgen", *args, cwd=REPO,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    result: dict[str, Any] | None = None
+    async for line in proc.stdout:
+        message = json.loads(line)
+        if "ready" in message:
+            if on_ready is not None:
+                await on_ready(message, proc.pid)
+        else:
+            result = message
+    stderr = await proc.stderr.read()
+    await proc.wait()
+    if result is None:
+        raise RuntimeError(f"the load generator failed ({proc.returncode}): {stderr.decode(errors='replace')[-2000:]}")
+    result["pid"] = proc.pid
+    return result
+
+
+async def sample_rss(pid: int, peak: list[float], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        peak[0] = max(peak[0], rss_bytes(pid))
+        try:
+            await asyncio.wait_for(stop.wait(), 0.25)
+        except TimeoutError:
+            pass
+
+
+def loadgen_args(scenario: Scenario, target: Target, opts: argparse.Namespace, *, stream: bool, holdback: int) -> list[str]:
+    url = target.base_url + "/chat/completions"
+    args = ["--url", url, "--body", request_body(scenario, stream), "--concurrency", str(scenario.concurrency)]
+    for name, value in target.headers.items():
+        args += ["--header", f"{name}: {value}"]
+    pace = opts.chunk_delay_ms if scenario.model == STREAM_MODEL else opts.delay_ms
+    args += ["--ramp-seconds", str(min(pace / 1000, 1.0) if not scenario.hold else opts.hold_ramp_seconds)]
+    if stream:
+        args += ["--stream", "--release-chars", str(holdback)]
+    return args
+
+
+async def run_scenario(scenario: Scenario, target: Target, opts: argparse.Namespace, holdback: int) -> Run:
+    # Warm-up: the same route, not streamed, at the same concurrency: connections
+    # open on every hop, and code paths are hot, before anything is timed.
+    warm = loadgen_args(scenario, target, opts, stream=False, holdback=0)
+    warm[warm.index("--concurrency") + 1] = str(min(scenario.concurrency, 200))
+    await run_loadgen(warm + ["--requests", str(max(2 * min(scenario.concurrency, 200), 20))])
+
+    args = loadgen_args(scenario, target, opts, stream=scenario.stream, holdback=holdback)
+    if scenario.hold:
+        args += ["--hold", str(scenario.concurrency)]
+    elif scenario.stream:
+        args += ["--requests", str(scenario.concurrency * opts.stream_waves)]
+    else:
+        args += ["--seconds", str(opts.seconds)]
+
+    watched = target.pid if target.pid is not None else None
+    run = Run(load={})
+    if watched is not None:
+        run.rss_before = rss_bytes(watched)
+    peak = [0.0]
+    stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_rss(watched, peak, stop)) if watched is not None else None
+
+    async def on_ready(message: dict[str, Any], _pid: int) -> None:
+        if watched is not None:
+            run.rss_ready = rss_bytes(watched)
+
+    cpu_before = sum(cpu_seconds(watched)) if watched is not None else 0.0
+    busy_before = machine_busy_seconds()
+    run.load = await run_loadgen(args, on_ready)
+    run.machine_cpu_seconds = machine_busy_seconds() - busy_before
+    if watched is not None:
+        run.cpu_seconds = sum(cpu_seconds(watched)) - cpu_before
+        stop.set()
+        assert sampler is not None
+        await sampler
+        run.rss_peak = peak[0]
+    run.client_cpu_seconds = run.load.get("client_cpu_seconds", math.nan)
+    return run
+
+
+# -- services ------------------------------------------------------------------
+
+
+async def start_services(opts: argparse.Namespace, tmp: Path, files: list[Any]) -> tuple[Services, list[Any]]:
+    services = Services()
+    procs: list[Any] = []
+    paces = {WHOLE_MODEL: opts.delay_ms, STREAM_MODEL: opts.chunk_delay_ms, SLOW_MODEL: opts.slow_chunk_delay_ms}
+    mock_err = (tmp / "mocks.err").open("wb")
+    files.append(mock_err)
+    async with aiohttp.ClientSession() as probe:
+        for model, pace in paces.items():
+            port = free_port()
+            proc = start_process([sys.executable, "-m", "proxy", "mock-upstream", "--host", "127.0.0.1",
+                                  "--port", str(port), "--delay-ms", str(pace)], mock_err, mock_err)
+            procs.append(proc)
+            services.mocks[model] = f"http://127.0.0.1:{port}/v1"
+            services.mock_pids.append(proc.pid)
+            await wait_healthy(probe, services.mocks[model] + "/models", proc, f"mock ({model})", tmp / "mocks.err")
+        services.targets.append(Target("direct", "", {"Authorization": "Bearer direct"}, None))
+
+        port = free_port()
+        config = sluice_config(tmp, port, services.mocks, not opts.no_moderation)
+        log, err = (tmp / "sluice.log").open("wb"), (tmp / "sluice.err").open("wb")
+        files += [log, err]
+        runner = [sys.executable, "-c", PROFILED_GATEWAY, str(Path(opts.profile).resolve())] if opts.profile else \
+            [sys.executable, "-m", "proxy"]
+        proc = start_process(runner + ["serve", "--config", str(config)], log, err)
+        procs.append(proc)
+        await wait_healthy(probe, f"http://127.0.0.1:{port}/readyz", proc, "sluice", tmp / "sluice.err")
+        services.targets.append(Target("sluice", f"http://127.0.0.1:{port}/v1",
+                                       {"Authorization": f"Bearer {SECRET}"}, proc.pid))
+
+        litellm_python = opts.litellm or os.environ.get(litellm_peer.LITELLM_ENV)
+        if litellm_python:
+            port = free_port()
+            terms = moderation_terms(TERMS) if opts.litellm_moderation else None
+            config = litellm_peer.write_config(tmp, services.mocks, LITELLM_KEY, terms)
+            err = (tmp / "litellm.err").open("wb")
+            files.append(err)
+            proc = start_process(litellm_peer.command(litellm_python, config, "127.0.0.1", port), err, err,
+                                 env=litellm_peer.environment(), cwd=tmp)
+            procs.append(proc)
+            await wait_healthy(probe, f"http://127.0.0.1:{port}{litellm_peer.HEALTH_PATH}", proc, "litellm",
+                               tmp / "litellm.err", headers={"Authorization": f"Bearer {LITELLM_KEY}"})
+            services.targets.append(Target("litellm", f"http://127.0.0.1:{port}/v1",
+                                           {"Authorization": f"Bearer {LITELLM_KEY}"}, proc.pid))
+    return services, procs
+
+
+def target_url(target: Target, scenario: Scenario, services: Services) -> Target:
+    if target.name == "direct":
+        return Target("direct", services.mocks[scenario.model], target.headers, None)
+    return target
+
+
+# -- the report ----------------------------------------------------------------
+
+
+def fmt(value: float | None, digits: int = 1, sign: bool = False) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:+,.{digits}f}" if sign else f"{value:,.{digits}f}"
+
+
+def pct(load: dict[str, Any], metric: str, p: str) -> float:
+    figures = load.get(metric) or {}
+    value = figures.get(p)
+    return math.nan if value is None else float(value)
+
+
+def added(run: Run, direct: Run | None, metric: str, p: str, base_metric: str | None = None) -> float:
+    """``run``'s figure minus direct's (``base_metric`` of direct, when it differs)."""
+    if direct is None or run is direct:
+        return math.nan
+    return pct(run.load, metric, p) - pct(direct.load, base_metric or metric, p)
+
+
+def cpu_per_unit(scenario: Scenario, run: Run) -> str:
+    """The target's CPU per request (ms) or per streamed chunk (µs)."""
+    if scenario.stream:
+        chunks = run.load.get("chunks") or 0
+        return fmt(1e6 * run.cpu_seconds / chunks, 0) + " us/chunk" if chunks else "-"
+    ok = run.load.get("ok") or 0
+    return fmt(1e3 * run.cpu_seconds / ok, 2) + " ms/req" if ok else "-"
+
+
+def scenario_table(scenario: Scenario, runs: dict[str, Run]) -> list[str]:
+    header = ("target", "req/s", "p50 ms", "p99 ms", "+p50 ms", "+p99 ms", "TTFT p50", "TTFT p99", "+TTFT p50",
+              "+TTFT p99", "chunks/s", "CPU %core", "CPU per", "RSS MiB", "errors")
+    rows = [header]
+    direct = runs.get("direct")
+    for name, run in runs.items():
+        load = run.load
+        seconds = load.get("seconds") or math.nan
+        # Beyond the window: Sluice is compared with the moment the direct client had the text
+        # the window needs; a gateway without moderation with the direct first token.
+        ttft_base = "release_ms" if name == "sluice" else "ttft_ms"
+        rss = run.rss_ready if scenario.hold else run.rss_peak
+        rows.append((
+            name, fmt(load.get("rps")), fmt(pct(load, "latency_ms", "p50")), fmt(pct(load, "latency_ms", "p99")),
+            fmt(added(run, direct, "latency_ms", "p50"), 2, True), fmt(added(run, direct, "latency_ms", "p99"), 2, True),
+            fmt(pct(load, "ttft_ms", "p50")), fmt(pct(load, "ttft_ms", "p99")),
+            fmt(added(run, direct, "ttft_ms", "p50", ttft_base), 2, True),
+            fmt(added(run, direct, "ttft_ms", "p99", ttft_base), 2, True),
+            fmt(load.get("chunks_per_second"), 0), fmt(100 * run.cpu_seconds / seconds, 0),
+            cpu_per_unit(scenario, run), fmt(rss / MIB, 0), str(load.get("errors", "-")),
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  " + "  ".join(cell.rjust(widths[i]) if i else cell.ljust(widths[i]) for i, cell in enumerate(row))
+             for row in rows]
+    for name, run in runs.items():
+        for sample in run.load.get("error_samples") or ():
+            lines.append(f"  !! {name}: {sample}")
+    return lines
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
+
+
+def summary(results: dict[str, dict[str, Run]], opts: argparse.Namespace) -> list[str]:
+    lines = ["", "against the issue's targets:"]
+
+    def figure(scenario: str, target: str, metric: str, p: str | None = None) -> float:
+        run = results.get(scenario, {}).get(target)
+        if run is None:
+            return math.nan
+        return pct(run.load, metric, p) if p else float(run.load.get(metric) or math.nan)
+
+    def verdict(ok: bool | None) -> str:
+        return "-" if ok is None else ("met" if ok else "NOT met")
+
+    for p, limit in (("p50", 1.0), ("p99", 5.0)):
+        added = figure("chat-c50", "sluice", "latency_ms", p) - figure("chat-c50", "direct", "latency_ms", p)
+        lines.append(f"  added {p} at concurrency 50, non-streamed: {fmt(added, 2, True)} ms "
+                     f"(target <= {limit:g} ms): {verdict(None if math.isnan(added) else added <= limit)}")
+    for name, metric, want in (("chat-c50", "rps", 3.0), ("chat-c200", "rps", 3.0),
+                               ("stream-c50", "chunks_per_second", 1.0), ("stream-c500", "chunks_per_second", 1.0)):
+        r = ratio(figure(name, "sluice", metric), figure(name, "litellm", metric))
+        lines.append(f"  {name} {metric.replace('_', ' ')}, Sluice / LiteLLM: {fmt(r, 2)}x (target >= {want:g}x): "
+                     f"{verdict(None if math.isnan(r) else r >= want)}")
+    hold = results.get("open-2000", {}).get("sluice")
+    if hold is not None:
+        per_stream = (hold.rss_ready - hold.rss_before) / max(hold.load.get("ok", 0) or 1, 1)
+        lines.append(f"  2,000 open streams: Sluice RSS {fmt(hold.rss_ready / MIB, 0)} MiB with every stream open "
+                     f"({fmt(hold.rss_before / MIB, 0)} MiB before, {fmt(per_stream / 1024, 1)} KiB per stream; "
+                     f"target < 400 MB): {verdict(None if math.isnan(hold.rss_ready) else hold.rss_ready < 400e6)}")
+    for name in ("stream-c50", "stream-c500"):
+        sluice, direct = results.get(name, {}).get("sluice"), results.get(name, {}).get("direct")
+        if sluice is None or direct is None:
+            continue
+        gaps = {p: pct(sluice.load, "ttft_ms", p) - pct(direct.load, "release_ms", p) for p in ("p50", "p99", "max")}
+        worst = max(gaps.values())
+        lines.append(f"  {name} time to first token beyond the window, Sluice - direct: p50 {fmt(gaps['p50'], 2, True)}, "
+                     f"p99 {fmt(gaps['p99'], 2, True)}, max {fmt(gaps['max'], 2, True)} ms (target <= 2 ms): "
+                     f"{verdict(None if math.isnan(worst) else worst <= 2.0)}")
+    return lines
+
+
+def report(results: dict[str, dict[str, Run]], opts: argparse.Namespace, holdbacks: dict[str, int],
+           litellm_version: str | None) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    out = [f"Sluice benchmark suite, {now}", machine_line()]
+    out.append(f"Sluice: moderation {'off' if opts.no_moderation else f'on (six PII redact rules, {TERMS:,}-term block list)'}, "
+               f"sqlite store, limits far above the load, JSON logs at info to a file"
+               + (f"; LiteLLM {litellm_version}: its defaults, no database (so no budgets), "
+                  f"{'its content filter with email masking and the same block list' if opts.litellm_moderation else 'no moderation'}"
+                  if litellm_version
+                  else "; LiteLLM: not run (set SLUICE_BENCH_LITELLM)"))
+    out.append(f"mock: {opts.delay_ms:g} ms before a whole answer, {opts.chunk_delay_ms:g} ms before each streamed word "
+               f"({opts.slow_chunk_delay_ms:g} ms for the open streams); the load is a closed loop, one "
+               f"loadgen process per run, workers ramped over one delay")
+    out.append("+ columns: the target minus direct; +TTFT for Sluice is measured against the direct client's time to "
+               "the text the moderation window needs before it releases anything")
+    for scenario in SCENARIOS:
+        runs = results.get(scenario.name)
+        if not runs:
+            continue
+        extra = ""
+        if scenario.stream and holdbacks.get(scenario.name):
+            extra = f"; the window holds the first {holdbacks[scenario.name]} characters"
+        out += ["", f"{scenario.name}: {scenario.title}{extra}"] + scenario_table(scenario, runs)
+    out += summary(results, opts)
+    return "\n".join(out)
+
+
+# The gateway under cProfile, timed by CPU time (time.process_time), not wall time: on a
+# busy machine a wall-clock profile charges every preemption to the function that was running.
+PROFILED_GATEWAY = """
+import cProfile, sys, time
+from proxy.cli import main
+out, argv = sys.argv[1], sys.argv[2:]
+profile = cProfile.Profile(time.process_time)
+try:
+    code = profile.runcall(main, argv)
+finally:
+    profile.dump_stats(out)
+sys.exit(code)
+"""
+
+
+# -- main ----------------------------------------------------------------------
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Sluice's benchmark suite (not a test).")
+    parser.add_argument("--only", help="comma-separated scenario names: " + ", ".join(s.name for s in SCENARIOS))
+    parser.add_argument("--seconds", type=float, default=10.0, help="measured seconds per non-streamed run (default 10)")
+    parser.add_argument("--stream-waves", type=int, default=2, help="streams per worker in a streamed run (default 2)")
+    parser.add_argument("--delay-ms", type=float, default=100.0, help="the mock's wait before a whole answer")
+    parser.add_argument("--chunk-delay-ms", type=float, default=50.0, help="the mock's wait before each streamed word")
+    parser.add_argument("--slow-chunk-delay-ms", type=float, default=1000.0, help="the same, for the open streams")
+    parser.add_argument("--hold-ramp-seconds", type=float, default=5.0, help="the open streams start over this long")
+    parser.add_argument("--no-moderation", action="store_true", help="Sluice without its moderation rules")
+    parser.add_argument("--litellm", help=f"the peer's Python (default: ${litellm_peer.LITELLM_ENV})")
+    parser.add_argument("--litellm-moderation", action="store_true",
+                        help="give LiteLLM its offline content filter (email masking and the same block list)")
+    parser.add_argument("--make-litellm-venv", metavar="DIR", help="create a venv with litellm[proxy] there and use it")
+    parser.add_argument("--profile", metavar="FILE", help="run Sluice under cProfile and save the profile there")
+    opts = parser.parse_args()
+    known = {s.name for s in SCENARIOS}
+    opts.scenarios = [s for s in SCENARIOS if not opts.only or s.name in opts.only.split(",")]
+    unknown = set(opts.only.split(",")) - known if opts.only else set()
+    if unknown:
+        parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    return opts
+
+
+async def main_async(opts: argparse.Namespace, tmp: Path, files: list[Any]) -> int:
+    procs: list[Any] = []
+    try:
+        services, procs = await start_services(opts, tmp, files)
+        litellm_version = None
+        if any(t.name == "litellm" for t in services.targets):
+            litellm_version = litellm_peer.version(opts.litellm or os.environ[litellm_peer.LITELLM_ENV])
+        results: dict[str, dict[str, Run]] = {}
+        holdbacks: dict[str, int] = {}
+        for scenario in opts.scenarios:
+            holdbacks[scenario.name] = window_holdback_chars(scenario, not opts.no_moderation, tmp)
+            results[scenario.name] = {}
+            for target in services.targets:
+                target = target_url(target, scenario, services)
+                print(f"  {scenario.name} / {target.name} ...", file=sys.stderr, flush=True)
+                started = time.monotonic()
+                results[scenario.name][target.name] = await run_scenario(scenario, target, opts, holdbacks[scenario.name])
+                print(f"    {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+        print()
+        print(report(results, opts, holdbacks, litellm_version))
+        return 0
+    finally:
+        for proc in reversed(procs):
+            stop_process(proc)
+
+
+def main() -> int:
+    opts = parse_args()
+    if opts.make_litellm_venv:
+        opts.litellm = str(litellm_peer.make_venv(Path(opts.make_litellm_venv)))
+    with tempfile.TemporaryDirectory(prefix="sluice-suite-") as tmp_name:
+        files: list[Any] = []
+        try:
+            return asyncio.run(main_async(opts, Path(tmp_name), files))
+        except RuntimeError as exc:
+            print(f"suite: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            for handle in files:
+                handle.close()
+            if opts.profile:
+                import pstats
+
+                print(f"\nSluice under cProfile (CPU time), saved to {opts.profile}; its figures above are slowed")
+                pstats.Stats(opts.profile).sort_stats("tottime").print_stats(30)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
