@@ -44,6 +44,58 @@ async def _write(response: web.StreamResponse, data: bytes) -> None:
         raise ClientGone() from exc
 
 
+class SilenceTimer:
+    """Interrupts a read once the upstream has been silent for ``seconds``, so a keep-alive can go out.
+
+    ``asyncio.timeout`` around every read would create, schedule and cancel a
+    timer per chunk; streams read thousands of chunks per second. This timer
+    is armed once and re-armed only when it fires: by then, if data came in the
+    meantime, it just moves its deadline to ``seconds`` after that data. It
+    cancels the task only while the task waits in ``read`` (never mid-write),
+    and ``read`` tells its own cancellation apart from anyone else's.
+    """
+
+    def __init__(self, seconds: float):
+        self._seconds = seconds
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.current_task()
+        self._last_data = self._loop.time()
+        self._reading = False
+        self._fired = False
+        self._handle = self._loop.call_at(self._last_data + seconds, self._check)
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        due = self._last_data + self._seconds
+        if now < due:  # data came since the timer was armed
+            self._handle = self._loop.call_at(due, self._check)
+            return
+        if self._reading and self._task is not None:
+            self._fired = True
+            self._task.cancel()
+        # Fired, or busy writing to a slow client: look again a whole period from now.
+        self._handle = self._loop.call_at(now + self._seconds, self._check)
+
+    async def read(self, content: aiohttp.StreamReader) -> bytes | None:
+        """The next data, or ``None`` when the upstream was silent for too long."""
+        self._reading = True
+        try:
+            data = await content.readany()
+        except asyncio.CancelledError:
+            if self._fired and self._task is not None and self._task.uncancel() == 0:
+                self._fired = False
+                self._last_data = self._loop.time()
+                return None
+            raise
+        finally:
+            self._reading = False
+        self._last_data = self._loop.time()
+        return data
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
 async def relay_stream(
     upstream: aiohttp.ClientResponse,
     response: web.StreamResponse,
@@ -57,16 +109,13 @@ async def relay_stream(
     decoder = SSEDecoder(max_event_bytes)
     content = upstream.content
     out = b""
+    silence = SilenceTimer(keepalive_seconds)
     try:
         while not rewriter.done:
-            try:
-                async with asyncio.timeout(keepalive_seconds) as silence:
-                    data = await content.readany()
-            except TimeoutError:
-                if silence.expired():
-                    await _write(response, KEEPALIVE)
-                    continue
-                raise
+            data = await silence.read(content)
+            if data is None:
+                await _write(response, KEEPALIVE)
+                continue
             out = b""
             try:
                 events = decoder.feed(data) if data else decoder.finish()
@@ -106,6 +155,8 @@ async def relay_stream(
         # Headers are sent: a 500 is no longer possible, but a well-formed ending is.
         log.exception("relaying a stream failed")
         await _end_with_error(response, rewriter, outcome, "The gateway failed while relaying the stream.", "internal_error")
+    finally:
+        silence.stop()
     return outcome
 
 

@@ -62,6 +62,9 @@ class StreamRewriter:
     def __init__(self, engine: ModerationEngine | None, *, chat: bool, client_wants_usage: bool):
         self._engine = engine if engine is not None and engine.has_rules("output") else None
         self._chat = chat
+        self._text_key = "content" if chat else "text"
+        self._edits: list[tuple[str, str]] = []
+        self._reshaped = False
         self._client_wants_usage = client_wants_usage
         self._choices: dict[int, _Choice] = {}
         self._envelope: dict[str, Any] = {}  # id, object, created, model of the last chunk
@@ -92,6 +95,8 @@ class StreamRewriter:
                 self._envelope[field] = chunk[field]
 
         changed = False
+        self._edits = []  # (old, new) texts the windows changed in this chunk
+        self._reshaped = False  # anything else changed: a field added or removed, a choice dropped
         usage = chunk.get("usage")
         if usage is not None:
             self.usage = usage
@@ -99,7 +104,7 @@ class StreamRewriter:
                 if not chunk.get("choices"):
                     return b""
                 del chunk["usage"]
-                changed = True
+                changed = self._reshaped = True
 
         choices = chunk.get("choices")
         if isinstance(choices, list):
@@ -113,11 +118,16 @@ class StreamRewriter:
                 if keep:
                     kept.append(choice)
                 else:
-                    changed = True
+                    changed = self._reshaped = True
                 if self.blocked is not None:
                     break
             if changed:
-                if not kept and not chunk.get("usage"):
+                # One choice, so its text field is the only one the splice could find.
+                spliceable = len(choices) == 1 and not self._reshaped and self.blocked is None
+                spliced = _splice(data, self._edits, self._text_key) if spliceable else None
+                if spliced is not None:
+                    out = encode_data(spliced.encode())
+                elif not kept and not chunk.get("usage"):
                     out = b""
                 else:
                     chunk["choices"] = kept
@@ -166,14 +176,15 @@ class StreamRewriter:
         changed = False
         had_payload = False
         if isinstance(holder, dict):
-            text = holder.get("content" if self._chat else "text")
+            text = holder.get(self._text_key)
             if isinstance(text, str) and text:
                 had_payload = True
                 state.seen.append(text)
                 if state.content_window is not None:
                     released = self._feed(state.content_window, text)
                     if released != text:
-                        holder["content" if self._chat else "text"] = released
+                        holder[self._text_key] = released
+                        self._edits.append((text, released))
                         changed = True
                     text = released
                 if text:
@@ -181,12 +192,13 @@ class StreamRewriter:
             tool_calls = holder.get("tool_calls") if self._chat else None
             if isinstance(tool_calls, list):
                 had_payload = True
-                changed = self._tool_calls(state, tool_calls) or changed
+                if self._tool_calls(state, tool_calls):
+                    changed = self._reshaped = True
         finish_reason = choice.get("finish_reason")
         if finish_reason is not None:
             state.finished = True
-            if self.blocked is None:
-                changed = self._flush_choice(state, holder) or changed
+            if self.blocked is None and self._flush_choice(state, holder):
+                changed = self._reshaped = True
         if self.blocked is not None:
             # The blocked choice ends here, with the text before the match and nothing after.
             choice["finish_reason"] = "content_filter"
@@ -291,6 +303,43 @@ class StreamRewriter:
         choice["finish_reason"] = finish_reason
         chunk = {**self._envelope, "choices": [choice]}
         return encode_data(_dumps(chunk))
+
+def _splice(data: str, edits: list[tuple[str, str]], key: str) -> str | None:
+    """The event ``data`` with each edited text swapped in place, or None to re-encode instead.
+
+    Most moderated chunks change only their text (the window holds a few
+    characters back or releases them later): swapping the JSON string in the
+    upstream's own bytes costs far less than encoding the whole chunk again.
+    Each old text must appear exactly once, in the spelling tried here
+    (with or without a space after the colon, escaped as Python's json would);
+    anything else is left to the full re-encode.
+    """
+    for old, new in edits:
+        for encoded in _json_string_spellings(old):
+            for separator in (":", ": "):
+                needle = f'"{key}"{separator}{encoded}'
+                if data.count(needle) == 1:
+                    data = data.replace(needle, f'"{key}"{separator}{_json_string(new)}')
+                    break
+            else:
+                continue
+            break
+        else:
+            return None
+    return data
+
+
+def _json_string(text: str) -> str:
+    try:
+        return json.dumps(text, ensure_ascii=False).encode().decode()
+    except UnicodeEncodeError:  # a lone surrogate keeps its escape, as in _dumps
+        return json.dumps(text)
+
+
+def _json_string_spellings(text: str) -> tuple[str, ...]:
+    plain, escaped = json.dumps(text, ensure_ascii=False), json.dumps(text)
+    return (plain,) if plain == escaped else (plain, escaped)
+
 
 def _has_visible_payload(holder: dict[str, Any], chat: bool) -> bool:
     if holder.get("content" if chat else "text"):

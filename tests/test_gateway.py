@@ -307,7 +307,8 @@ async def test_keepalive_comment_during_upstream_silence(mock_upstream, start_ga
     gw = await start_gateway(config)
     status, _, raw = await stream_raw(gw, chat("a b c", stream=True, mock={"stall_after": {"chunks": 1, "ms": 450}}))
     assert status == 200
-    assert ": keep-alive\n\n" in raw
+    # One comment per silent 0.1 s: it repeats through the stall, and never floods the client.
+    assert 2 <= raw.count(": keep-alive\n\n") <= 6
     assert raw.endswith("data: [DONE]\n\n")
     text = "".join(
         c["choices"][0]["delta"].get("content") or ""

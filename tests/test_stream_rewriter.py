@@ -94,3 +94,40 @@ def test_a_break_flushes_held_text_before_the_error():
     out += rewriter.flush_before_error()
     decoder = SSEDecoder()
     assert texts([e.data for e in decoder.feed(out)]) == ["say ca"]
+
+
+def swapped_in_place(rewriter, event, old_text):
+    """``event``'s output, checked to be ``event`` byte for byte except its text; returns the new text."""
+    out = rewriter.event(event).decode()
+    assert out.startswith("data: ") and out.endswith("\n\n")
+    new_text = json.loads(out[len("data: "):])["choices"][0]["delta"]["content"]
+    assert out == "data: " + event.replace(old_text, json.dumps(new_text, ensure_ascii=False)) + "\n\n"
+    return new_text
+
+
+def test_a_chunk_whose_text_changes_keeps_the_upstreams_own_bytes_elsewhere():
+    """Only the text is swapped: the rest of the event goes out exactly as the provider wrote it."""
+    rewriter = StreamRewriter(ENGINE, chat=True, client_wants_usage=False)
+    template = ('{"id":"c1","object":"chat.completion.chunk","created":1.0e9,"x_vendor":{"a":[1, 2]},'
+                '"choices":[{"index":0,"delta":{"content":%s},"finish_reason":null}]}')
+    first = swapped_in_place(rewriter, template % '"a cat "', '"a cat "')
+    second = swapped_in_place(rewriter, template % '"more "', '"more "')
+    assert first + second == "a [REDACTED:cat] "
+
+
+def test_texts_spelled_with_escapes_or_spaces_are_swapped_in_place_too():
+    rewriter = StreamRewriter(ENGINE, chat=True, client_wants_usage=False)
+    template = '{"id": "c1", "choices": [{"index": 0, "delta": {"content": %s}, "finish_reason": null}]}'
+    first = swapped_in_place(rewriter, template % '"caf\\u00e9 cat "', '"caf\\u00e9 cat "')
+    second = swapped_in_place(rewriter, template % '"\\u00e0 "', '"\\u00e0 "')
+    assert first + second == "caf\u00e9 [REDACTED:cat] \u00e0"
+
+
+def test_with_two_choices_a_changed_chunk_is_encoded_again():
+    """Two choices could spell the same text; the splice only runs when the text field is unambiguous."""
+    rewriter = StreamRewriter(ENGINE, chat=True, client_wants_usage=False)
+    for text in ("cat ", "more "):
+        choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
+        out = rewriter.event(json.dumps({"id": "c1", "choices": [choice, {**choice, "index": 1}]})).decode()
+    chunk = json.loads(out[len("data: "):])
+    assert [c["delta"]["content"] for c in chunk["choices"]] == ["[REDACTED:cat] ", "[REDACTED:cat] "]
