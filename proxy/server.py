@@ -356,13 +356,19 @@ def proxy_handler(endpoint: str) -> Any:
             gateway.request_ended(runtime)
             if admitted:
                 gateway.quotas.settle(reservation, record.ledger_entry())
-            gateway.metrics.observe(record)
-            if record.upstream_error:
-                log.warning("upstream error", upstream=record.upstream, kind=record.upstream_error, status=record.status)
-            log.info("request", **record.fields())
+            # The metric samples and the log line are bookkeeping, not part of the answer:
+            # they run on the loop's next turn, once aiohttp has sent the response.
+            asyncio.get_running_loop().call_soon(_record_request, gateway, record)
 
     handler.__name__ = f"proxy_{endpoint.replace('.', '_')}"
     return handler
+
+
+def _record_request(gateway: Gateway, record: RequestRecord) -> None:
+    gateway.metrics.observe(record)
+    if record.upstream_error:
+        log.warning("upstream error", upstream=record.upstream, kind=record.upstream_error, status=record.status)
+    log.info("request", **record.fields())
 
 
 async def _open_upstream(
