@@ -14,7 +14,14 @@ import time
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.accounting import LedgerEntry, Rejection, Reservation, StoreUnavailable, Subject
+from proxy.accounting import (
+    LedgerEntry,
+    Rejection,
+    Reservation,
+    StoreUnavailable,
+    Subject,
+    redis_store,
+)
 from proxy.accounting.quota import plan
 from proxy.accounting.redis_store import RedisStore
 from proxy.config import LimitsConfig
@@ -131,13 +138,13 @@ async def test_settle_from_another_replica_happens_once(replicas, redis_url):
 
 
 async def test_a_reserve_run_twice_counts_once(replicas):
-    """redis-py retries a command once when its reply is lost; the script must not count it twice."""
+    """The store resends a batch once when its connection broke; the script must not count it twice."""
     store = replicas[0]
     subjects = team_with(requests_per_minute=10, tokens_per_minute=1000, max_concurrent_requests=3)
     request_plan = plan(subjects, T0)
     keys, args = store._reserve_arguments(request_plan, "retried", 100, 200, T0)
-    first = await store._reserve(keys=keys, args=args)
-    again = await store._reserve(keys=keys, args=args)
+    first = await store._run(redis_store._RESERVE, keys, args)
+    again = await store._run(redis_store._RESERVE, keys, args)
     assert first == again
     probe = await store.reserve(subjects, 0, 1, T0)
     assert probe.requests.remaining == 10 - 2

@@ -153,7 +153,10 @@ async def test_a_settle_the_store_refused_is_retried_once_it_is_back(mock_upstre
     redis = redis_server_factory()
     gw = await start_gateway(limited(mock_upstream.url, team_limits={"requests_per_minute": 100}, store="redis", redis_url=redis.url))
     quotas = gw.server.gateway.quotas
-    stream = await client(gw).chat.completions.create(**chat("settled later"), stream=True)
+    # The stream stays open past the pause, so its settle comes while Redis takes no writes.
+    stream = await client(gw).chat.completions.create(
+        **chat("settled later"), stream=True, extra_body={"mock": {"stall_after": {"chunks": 1, "ms": 300}}}
+    )
     with redis_py.Redis.from_url(redis.url) as admin:
         admin.execute_command("CLIENT", "PAUSE", 6000, "WRITE")  # Redis keeps its data but takes no writes
     async for _ in stream:
