@@ -10,7 +10,7 @@ Services, each its own process on a free loopback port, stopped at the end:
 three mock models (one per pace: a whole answer after ``--delay-ms``, a
 stream with ``--chunk-delay-ms`` before each word, and a slow stream for the
 open-streams scenario), Sluice (``sluice serve``: moderation with all six PII
-rules and a 10,000-term block list, the sqlite store, limits set far above
+rules and a 10,000-term block list, the sqlite store (``--store``), limits set far above
 the load so the limiter runs but never refuses, JSON logs at info to a file),
 and, when ``SLUICE_BENCH_LITELLM`` names a Python with ``litellm[proxy]``,
 LiteLLM's proxy routed to the same mocks. The load comes from
@@ -58,6 +58,7 @@ from tests.bench.harness import (
     wait_healthy,
     words,
 )
+from tests.redis_server import RedisServer
 
 # One mock per pace, told apart by model name, so every gateway routes by model alone.
 WHOLE_MODEL, STREAM_MODEL, SLOW_MODEL = "gpt-4o-mini", "gpt-4o", "gpt-4.1"
@@ -115,6 +116,7 @@ class Services:
     mocks: dict[str, str] = field(default_factory=dict)  # model -> base url
     mock_pids: list[int] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
+    redis: RedisServer | None = None
 
 
 # -- configs -------------------------------------------------------------------
@@ -128,7 +130,8 @@ def moderation_rules(terms_file: Path) -> list[dict[str, Any]]:
     return rules
 
 
-def sluice_config(tmp: Path, port: int, mocks: dict[str, str], moderation: bool) -> Path:
+def sluice_config(tmp: Path, port: int, mocks: dict[str, str], moderation: bool,
+                  accounting: dict[str, str] | None = None) -> Path:
     big = 10**12
     terms_file = tmp / "terms.txt"
     terms_file.write_text("\n".join(moderation_terms(TERMS)) + "\n", encoding="utf-8")
@@ -144,7 +147,7 @@ def sluice_config(tmp: Path, port: int, mocks: dict[str, str], moderation: bool)
             "requests_per_minute": big, "tokens_per_minute": big, "tokens_per_day": big,
             "tokens_per_month": big, "max_concurrent_requests": 10**6}}],
         "keys": [{"id": "bench", "team": "bench", "sha256": hash_key(SECRET)}],
-        "accounting": {"store": "sqlite", "sqlite_path": str(tmp / "sluice.db")},
+        "accounting": accounting or {"store": "sqlite", "sqlite_path": str(tmp / "sluice.db")},
         "logging": {"level": "info", "format": "json"},
     }
     if moderation:
@@ -271,9 +274,9 @@ async def run_scenario(scenario: Scenario, target: Target, opts: argparse.Namesp
 # -- services ------------------------------------------------------------------
 
 
-async def start_services(opts: argparse.Namespace, tmp: Path, files: list[Any]) -> tuple[Services, list[Any]]:
-    services = Services()
-    procs: list[Any] = []
+async def start_services(opts: argparse.Namespace, tmp: Path, files: list[Any], services: Services,
+                         procs: list[Any]) -> None:
+    """Start the mocks, Sluice and the peer, filling ``services`` and ``procs`` as they come up (to stop them)."""
     paces = {WHOLE_MODEL: opts.delay_ms, STREAM_MODEL: opts.chunk_delay_ms, SLOW_MODEL: opts.slow_chunk_delay_ms}
     mock_err = (tmp / "mocks.err").open("wb")
     files.append(mock_err)
@@ -289,7 +292,13 @@ async def start_services(opts: argparse.Namespace, tmp: Path, files: list[Any]) 
         services.targets.append(Target("direct", "", {"Authorization": "Bearer direct"}, None))
 
         port = free_port()
-        config = sluice_config(tmp, port, services.mocks, not opts.no_moderation)
+        accounting = {"store": opts.store, "sqlite_path": str(tmp / "sluice.db")}
+        if opts.store == "redis":
+            redis = RedisServer(tmp / "redis")
+            redis.start()
+            services.redis = redis
+            accounting["redis_url"] = redis.url
+        config = sluice_config(tmp, port, services.mocks, not opts.no_moderation, accounting)
         log, err = (tmp / "sluice.log").open("wb"), (tmp / "sluice.err").open("wb")
         files += [log, err]
         runner = [sys.executable, "-c", PROFILED_GATEWAY, str(Path(opts.profile).resolve())] if opts.profile else \
@@ -314,7 +323,6 @@ async def start_services(opts: argparse.Namespace, tmp: Path, files: list[Any]) 
                                tmp / "litellm.err", headers={"Authorization": f"Bearer {LITELLM_KEY}"})
             services.targets.append(Target("litellm", f"http://127.0.0.1:{port}/v1",
                                            {"Authorization": f"Bearer {LITELLM_KEY}"}, proc.pid))
-    return services, procs
 
 
 def target_url(target: Target, scenario: Scenario, services: Services) -> Target:
@@ -432,7 +440,7 @@ def report(results: dict[str, dict[str, Run]], opts: argparse.Namespace, holdbac
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = [f"Sluice benchmark suite, {now}", machine_line()]
     out.append(f"Sluice: moderation {'off' if opts.no_moderation else f'on (six PII redact rules, {TERMS:,}-term block list)'}, "
-               f"sqlite store, limits far above the load, JSON logs at info to a file"
+               f"{opts.store} store, limits far above the load, JSON logs at info to a file"
                + (f"; LiteLLM {litellm_version}: its defaults, no database (so no budgets), "
                   f"{'its content filter with email masking and the same block list' if opts.litellm_moderation else 'no moderation'}"
                   if litellm_version
@@ -481,6 +489,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--chunk-delay-ms", type=float, default=50.0, help="the mock's wait before each streamed word")
     parser.add_argument("--slow-chunk-delay-ms", type=float, default=1000.0, help="the same, for the open streams")
     parser.add_argument("--hold-ramp-seconds", type=float, default=5.0, help="the open streams start over this long")
+    parser.add_argument("--store", choices=("memory", "sqlite", "redis"), default="sqlite",
+                        help="Sluice's quota store (redis: a redis-server on a free loopback port)")
     parser.add_argument("--no-moderation", action="store_true", help="Sluice without its moderation rules")
     parser.add_argument("--litellm", help=f"the peer's Python (default: ${litellm_peer.LITELLM_ENV})")
     parser.add_argument("--litellm-moderation", action="store_true",
@@ -498,8 +508,9 @@ def parse_args() -> argparse.Namespace:
 
 async def main_async(opts: argparse.Namespace, tmp: Path, files: list[Any]) -> int:
     procs: list[Any] = []
+    services = Services()
     try:
-        services, procs = await start_services(opts, tmp, files)
+        await start_services(opts, tmp, files, services, procs)
         litellm_version = None
         if any(t.name == "litellm" for t in services.targets):
             litellm_version = litellm_peer.version(opts.litellm or os.environ[litellm_peer.LITELLM_ENV])
@@ -520,6 +531,8 @@ async def main_async(opts: argparse.Namespace, tmp: Path, files: list[Any]) -> i
     finally:
         for proc in reversed(procs):
             stop_process(proc)
+        if services.redis is not None:
+            services.redis.stop()
 
 
 def main() -> int:
