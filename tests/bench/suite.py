@@ -309,6 +309,14 @@ async def start_services(opts: argparse.Namespace, tmp: Path, files: list[Any], 
         services.targets.append(Target("sluice", f"http://127.0.0.1:{port}/v1",
                                        {"Authorization": f"Bearer {SECRET}"}, proc.pid))
 
+        port = free_port()
+        routes = [f"--route={model}={url}" for model, url in services.mocks.items()]
+        proc = start_process([sys.executable, "-m", "tests.bench.bare_proxy", "--port", str(port), *routes],
+                             mock_err, mock_err)
+        procs.append(proc)
+        await wait_healthy(probe, f"http://127.0.0.1:{port}/healthz", proc, "bare proxy", tmp / "mocks.err")
+        services.targets.append(Target("bare", f"http://127.0.0.1:{port}/v1", {}, proc.pid))
+
         litellm_python = opts.litellm or os.environ.get(litellm_peer.LITELLM_ENV)
         if litellm_python:
             port = free_port()
