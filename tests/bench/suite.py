@@ -131,7 +131,7 @@ def moderation_rules(terms_file: Path) -> list[dict[str, Any]]:
 
 
 def sluice_config(tmp: Path, port: int, mocks: dict[str, str], moderation: bool,
-                  accounting: dict[str, str] | None = None) -> Path:
+                  accounting: dict[str, str] | None = None, log_level: str = "info") -> Path:
     big = 10**12
     terms_file = tmp / "terms.txt"
     terms_file.write_text("\n".join(moderation_terms(TERMS)) + "\n", encoding="utf-8")
@@ -148,7 +148,7 @@ def sluice_config(tmp: Path, port: int, mocks: dict[str, str], moderation: bool,
             "tokens_per_month": big, "max_concurrent_requests": 10**6}}],
         "keys": [{"id": "bench", "team": "bench", "sha256": hash_key(SECRET)}],
         "accounting": accounting or {"store": "sqlite", "sqlite_path": str(tmp / "sluice.db")},
-        "logging": {"level": "info", "format": "json"},
+        "logging": {"level": log_level, "format": "json"},
     }
     if moderation:
         config["moderation"] = {"rules": moderation_rules(terms_file)}
@@ -298,7 +298,7 @@ async def start_services(opts: argparse.Namespace, tmp: Path, files: list[Any], 
             redis.start()
             services.redis = redis
             accounting["redis_url"] = redis.url
-        config = sluice_config(tmp, port, services.mocks, not opts.no_moderation, accounting)
+        config = sluice_config(tmp, port, services.mocks, not opts.no_moderation, accounting, opts.log_level)
         log, err = (tmp / "sluice.log").open("wb"), (tmp / "sluice.err").open("wb")
         files += [log, err]
         runner = [sys.executable, "-c", PROFILED_GATEWAY, str(Path(opts.profile).resolve())] if opts.profile else \
@@ -448,7 +448,7 @@ def report(results: dict[str, dict[str, Run]], opts: argparse.Namespace, holdbac
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = [f"Sluice benchmark suite, {now}", machine_line()]
     out.append(f"Sluice: moderation {'off' if opts.no_moderation else f'on (six PII redact rules, {TERMS:,}-term block list)'}, "
-               f"{opts.store} store, limits far above the load, JSON logs at info to a file"
+               f"{opts.store} store, limits far above the load, JSON logs at {opts.log_level} to a file"
                + (f"; LiteLLM {litellm_version}: its defaults, no database (so no budgets), "
                   f"{'its content filter with email masking and the same block list' if opts.litellm_moderation else 'no moderation'}"
                   if litellm_version
@@ -499,6 +499,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--hold-ramp-seconds", type=float, default=5.0, help="the open streams start over this long")
     parser.add_argument("--store", choices=("memory", "sqlite", "redis"), default="sqlite",
                         help="Sluice's quota store (redis: a redis-server on a free loopback port)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning"), default="info",
+                        help="Sluice's log level (info: one line per request)")
     parser.add_argument("--no-moderation", action="store_true", help="Sluice without its moderation rules")
     parser.add_argument("--litellm", help=f"the peer's Python (default: ${litellm_peer.LITELLM_ENV})")
     parser.add_argument("--litellm-moderation", action="store_true",
