@@ -8,7 +8,7 @@ from ..config import ModerationConfig
 from .normalize import original_chars_bound
 from .result import Direction, ModerationResult
 from .rules import CompiledRule, compile_rules
-from .window import ModerationStream
+from .window import ModerationStream, WindowPlan
 
 _DIRECTIONS = ("input", "output")
 
@@ -24,6 +24,7 @@ class ModerationEngine:
     def __init__(self, rules: Sequence[CompiledRule]):
         self._rules = tuple(rules)
         self._by_direction = {d: tuple(r for r in self._rules if d in r.directions) for d in _DIRECTIONS}
+        self._plans = {d: WindowPlan(rules) for d, rules in self._by_direction.items()}
 
     @classmethod
     def from_config(cls, config: ModerationConfig) -> ModerationEngine:
@@ -58,7 +59,8 @@ class ModerationEngine:
 
     def stream(self, direction: Direction) -> ModerationStream:
         """A new window for one stream of text (one choice, or one tool call's arguments)."""
-        return ModerationStream(self._rules_for(direction))
+        self._rules_for(direction)  # rejects an unknown direction
+        return ModerationStream(self._plans[direction])
 
     def _rules_for(self, direction: str) -> tuple[CompiledRule, ...]:
         try:

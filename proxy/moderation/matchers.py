@@ -25,13 +25,15 @@ when it is 1 to ``max_len`` characters long. That is decided once
 ``s + max_len + RIGHT_CONTEXT`` characters exist, or earlier when a ``tail``
 pattern says so (see ``pii``). Lookarounds may look at most ``LEFT_CONTEXT``
 characters before a match and ``RIGHT_CONTEXT`` after it; beyond that the
-result could depend on where chunks were split.
+result could depend on where chunks were split. The pattern rules with a tail
+that read the same view are scanned together (``PatternGroup``): in prose none
+of them has anything to decide, and one merged search says so for all.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import ahocorasick
@@ -42,7 +44,8 @@ LEFT_CONTEXT = 16
 RIGHT_CONTEXT = 2
 
 ViewKind = Literal["plain", "folded", "leet_plain", "leet_folded"]
-Span = tuple[int, int]
+# A candidate: view start and end, and which member of the scanner's matcher found it.
+Span = tuple[int, int, int]
 
 
 class Views:
@@ -131,7 +134,11 @@ class TermsScanner:
         decided = t if final or not m.word else t - 1
         spans: list[Span] = []
         if decided > self._done:
-            start = max(0, self._done + 1 - m.max_len)
+            # Occurrences ending after ``_done`` are new. One that starts before the
+            # last round's text ended starts where a term was live then (that text
+            # spelt the beginning of the term), so the automaton starts at the first
+            # live position, not ``max_len`` back.
+            start = self._live[0] if self._live else self._live_end
             for last, (length, word_start, word_end) in m.automaton.iter(text, start - base, decided - base):
                 end = last + 1 + base
                 if end <= self._done:
@@ -142,7 +149,7 @@ class TermsScanner:
                         continue
                     if word_end and end < t and is_word_char(text[end - base]):
                         continue
-                spans.append((begin, end))
+                spans.append((begin, end, 0))
             self._done = decided
         if final:
             return spans, t
@@ -153,12 +160,16 @@ class TermsScanner:
         m = self._m
         start = max(self._live_end, t - m.max_len)
         candidates = [b for b in self._live if b >= t - m.max_len]
+        first_chars, word = m.first_chars, m.word
         for begin in range(start, t):
             char = text[begin - base]
-            if char not in m.first_chars:
+            if char not in first_chars:
                 continue
-            if m.word and begin > 0 and is_word_char(char) and is_word_char(text[begin - 1 - base]):
-                continue  # inside a word: no word-mode term starts here
+            if word and begin > 0:
+                # ``isalnum`` first: the same answer as ``is_word_char`` for letters, sooner.
+                before = text[begin - 1 - base]
+                if (char.isalnum() or is_word_char(char)) and (before.isalnum() or is_word_char(before)):
+                    continue  # inside a word: no word-mode term starts here
             candidates.append(begin)
         self._live = [b for b in candidates if m.automaton.match(text[b - base : t - base])]
         self._live_end = t
@@ -175,7 +186,9 @@ class PatternMatcher:
     matches (up to the end of the text) every stretch of text that could still
     begin a match or be followed by what decides one; anywhere else a match is
     already decided, which lets a stream release prose at once instead of
-    holding ``max_len`` characters back.
+    holding ``max_len`` characters back. What the tail matches must be closed
+    under prefixes: text that cannot grow into a match cannot after more text
+    either (``PatternGroup`` relies on it).
     """
 
     def __init__(
@@ -213,31 +226,133 @@ class PatternScanner:
         m = self._m
         text = views.text(m.view)
         base = views.base
-        frontier = t if final else self._frontier(text, base, t)
+        frontier = t if final else _frontier(m, text, base, self._next, t)
         spans: list[Span] = []
-        position = self._next
-        while position < frontier:
-            # ``search`` skips, in C, the positions where nothing can match.
-            found = m.pattern.search(text, position - base, t - base)
-            if found is None:
-                break
-            begin = found.start() + base
-            if begin >= frontier:
-                break
-            hit = m.pattern.match(text, begin - base, min(t, begin + m.max_len + RIGHT_CONTEXT) - base)
-            if hit is not None and 0 < hit.end() - hit.start() <= m.max_len:
-                keep = m.validate(hit.group()) if m.validate else hit.end() - hit.start()
-                if keep:
-                    spans.append((begin, begin + keep))
-            position = begin + 1
+        _collect(m, 0, text, base, self._next, frontier, t, spans)
         self._next = frontier
         return spans, frontier
 
-    def _frontier(self, text: str, base: int, t: int) -> int:
-        """The first position not yet decided: by the window's length, or earlier by the tail."""
-        m = self._m
-        start = max(self._next, t - m.max_len - RIGHT_CONTEXT + 1)
-        if m.tail is None:
-            return start
-        live = m.tail.search(text, start - base, t - base)
-        return t if live is None else live.start() + base
+
+def _frontier(m: PatternMatcher, text: str, base: int, start: int, t: int) -> int:
+    """The first position from ``start`` on not yet decided: by the window's length, or earlier by the tail."""
+    start = max(start, t - m.hold_chars)
+    if m.tail is None:
+        return start
+    live = m.tail.search(text, start - base, t - base)
+    return t if live is None else live.start() + base
+
+
+def _collect(
+    m: PatternMatcher, member: int, text: str, base: int, position: int, frontier: int, t: int, spans: list[Span]
+) -> None:
+    """Append the matches of ``m`` that start from ``position`` to before ``frontier``."""
+    while position < frontier:
+        # ``search`` skips, in C, the positions where nothing can match.
+        found = m.pattern.search(text, position - base, t - base)
+        if found is None:
+            return
+        begin = found.start() + base
+        if begin >= frontier:
+            return
+        hit = m.pattern.match(text, begin - base, min(t, begin + m.max_len + RIGHT_CONTEXT) - base)
+        if hit is not None and 0 < hit.end() - hit.start() <= m.max_len:
+            keep = m.validate(hit.group()) if m.validate else hit.end() - hit.start()
+            if keep:
+                spans.append((begin, begin + keep, member))
+        position = begin + 1
+
+
+class PatternGroup:
+    """Pattern rules with tails on one view, scanned as one (the PII detectors, typically).
+
+    Scanned one by one, every rule costs two searches and the Python around
+    them per round, although in prose none of them usually has anything to
+    decide. The group asks that once, of a merged tail and a merged pattern
+    (the members as alternatives, so a merged search finds the leftmost
+    position where any member's would), and only runs a member's own pattern
+    when the merged one finds something to decide. The regular expression
+    engine does about the same work either way; the Python is what is saved.
+
+    The members share one ``_next``: the least of their frontiers. A member
+    may so search again positions it had already found dead, which gives the
+    same frontier because a tail's language is closed under prefixes (text
+    that cannot grow into a match cannot after more text either;
+    ``test_pii_tails_are_prefix_closed``). A member's matches are reported
+    once every member has decided their start, which may be a round later
+    than alone, but they are decided then, so they are the same.
+    """
+
+    def __init__(self, matchers: Sequence[PatternMatcher]):
+        self.members = tuple(matchers)
+        self.view = self.members[0].view
+        self.pattern = _alternatives([m.pattern for m in self.members])
+        self.tail = _alternatives([m.tail for m in self.members if m.tail is not None])
+        self.hold_chars = max(m.hold_chars for m in self.members)
+        self.min_hold_chars = min(m.hold_chars for m in self.members)
+
+    @staticmethod
+    def can_merge(matchers: Sequence[PatternMatcher]) -> bool:
+        """Whether the matchers have tails and can be written as alternatives of one pattern (and tail).
+
+        Capturing groups would renumber backreferences, verbose mode lets a
+        comment swallow the closing parenthesis, and the flags must agree.
+        """
+        first = matchers[0]
+        for m in matchers:
+            if m.view != first.view or m.tail is None or first.tail is None:
+                return False
+            for own, model in ((m.pattern, first.pattern), (m.tail, first.tail)):
+                if own.groups or own.flags != model.flags or own.flags & re.VERBOSE:
+                    return False
+        try:
+            _alternatives([m.pattern for m in matchers])
+            _alternatives([m.tail for m in matchers if m.tail is not None])
+        except re.error:
+            return False  # e.g. a global inline flag, legal only at the very start
+        return True
+
+    def scanner(self) -> PatternGroupScanner:
+        return PatternGroupScanner(self)
+
+
+def _alternatives(patterns: Sequence[re.Pattern[str]]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{p.pattern})" for p in patterns), patterns[0].flags)
+
+
+class PatternGroupScanner:
+    """One stream's progress through a ``PatternGroup``: positions before ``_next`` are decided for every member."""
+
+    def __init__(self, group: PatternGroup):
+        self._g = group
+        self._next = 0
+
+    def needed_from(self) -> int:
+        """The first view position a later round may read (what lookbehinds see)."""
+        return max(0, self._next - LEFT_CONTEXT)
+
+    def advance(self, views: Views, t: int, final: bool) -> tuple[list[Span], int]:
+        g = self._g
+        text = views.text(g.view)
+        base = views.base
+        position = self._next
+        if final:
+            frontier = t
+        else:
+            # The leftmost position where any member's tail is live bounds every member's
+            # frontier from below, and is the least of them if every member's window
+            # reaches it (else that member's window decides: ask each member).
+            live = g.tail.search(text, max(position, t - g.hold_chars) - base, t - base)
+            if live is None:
+                frontier = t
+            elif live.start() + base >= t - g.min_hold_chars:
+                frontier = live.start() + base
+            else:
+                frontier = min(_frontier(m, text, base, position, t) for m in g.members)
+        spans: list[Span] = []
+        if position < frontier:
+            found = g.pattern.search(text, position - base, t - base)
+            if found is not None and found.start() + base < frontier:
+                for member, m in enumerate(g.members):
+                    _collect(m, member, text, base, found.start() + base, frontier, t, spans)
+        self._next = frontier
+        return spans, frontier

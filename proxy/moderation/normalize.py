@@ -82,7 +82,10 @@ _DIACRITIC_RANGES = (
 _ASCII_RUN = re.compile(r"[\x00-\x7f]+")
 # ``\s`` is ``str.isspace``: for ASCII that is \t\n\v\f\r, \x1c-\x1f and the space.
 _WHITESPACE_RUN = re.compile(r"\s{2,}")
-_ASCII_WHITESPACE_TO_SPACE = str.maketrans({c: " " for c in map(chr, range(128)) if c.isspace()})
+_ASCII_WHITESPACE = "".join(c for c in map(chr, range(128)) if c.isspace())
+_ASCII_WHITESPACE_TO_SPACE = str.maketrans({c: " " for c in _ASCII_WHITESPACE})
+# Two whitespace characters in a row, in ASCII text (where ``\s`` is exactly these).
+_ASCII_WHITESPACE_PAIR = re.compile(r"[\t\n\v\f\r\x1c-\x1f ]{2}")
 
 
 def _is_invisible(char: str) -> bool:
@@ -183,9 +186,16 @@ class Normalizer:
         """Append original text; every segment that can no longer grow enters the views."""
         position = self.orig_end
         self.orig += text
+        segment, segment_start = self._open, self._open_start
+        if text.isascii() and len(segment) <= 1 and segment < "\x80":
+            # The common chunk: nothing joins an ASCII segment, so all but the last
+            # character close, as one run with the open segment before them.
+            if text:
+                self._push_ascii(segment + text[:-1], position - len(segment))
+                self._open, self._open_start = text[-1], position + len(text) - 1
+            return
         plain: list[str] = []
         folded: list[str] = []
-        segment, segment_start = self._open, self._open_start
         i = 0
         while i < len(text):
             char = text[i]
@@ -272,6 +282,32 @@ class Normalizer:
             self._run = 0
         else:
             self._skip(normal, start, end, plain, folded)
+
+    def _push_ascii(self, text: str, start: int) -> None:
+        """Close a run of ASCII characters into the views, as ``_close_ascii`` does.
+
+        Usually (a chunk of prose) every character is kept as itself, lower
+        case, and only spaces are whitespace, so the views need no more than that.
+        """
+        if not text:
+            return
+        # Printable ASCII has no whitespace but the space (the only one ``folded`` keeps).
+        printable = text.isprintable()
+        whitespace_pair = "  " in text if printable else _ASCII_WHITESPACE_PAIR.search(text) is not None
+        if whitespace_pair or (self._after_space and text[0].isspace()):
+            plain: list[str] = []
+            folded: list[str] = []
+            self._close_ascii(text, start, plain, folded)
+            self.plain += "".join(plain)
+            self.folded += "".join(folded)
+            return
+        lower = text.lower()
+        self.plain += lower
+        self.folded += lower if printable else lower.translate(_ASCII_WHITESPACE_TO_SPACE)
+        self.starts.extend(range(start, start + len(text)))
+        self.ends.extend(range(start + 1, start + len(text) + 1))
+        self._after_space = text[-1].isspace()
+        self._run = 0
 
     def _close_ascii(self, text: str, start: int, plain: list[str], folded: list[str]) -> None:
         """Close a run of ASCII characters in bulk; the same view as closing them one by one."""

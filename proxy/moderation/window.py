@@ -30,12 +30,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .matchers import PatternScanner, TermsScanner, Views
+from .matchers import PatternGroup, PatternMatcher, TermsMatcher, Views
 from .normalize import Normalizer, original_chars_bound
 from .result import Action, ModerationResult
 from .rules import CompiledRule
 
 _NOTHING = ModerationResult("")
+
+# Trimming the buffers asks every scanner what it still needs, which costs more
+# than a small chunk's own work, so it is only tried once this many more original
+# characters have arrived. The buffers stay bounded: ``Normalizer.discard`` keeps
+# at most twice the live part, plus what arrived since the last try.
+_TRIM_EVERY = 64
+
+Matcher = TermsMatcher | PatternMatcher | PatternGroup
 
 
 class _Candidate:
@@ -53,6 +61,35 @@ class _Candidate:
         return (self.start, self.rule.action != "block", self.start - self.end, self.rule.index)
 
 
+class WindowPlan:
+    """What every stream of one rule set shares, built once (per engine and direction).
+
+    Each entry of ``scans`` is a matcher and the rules it finds matches for:
+    one rule, or all the pattern rules with a tail that read one view (the PII
+    detectors), scanned together as a ``PatternGroup`` when they can be.
+    """
+
+    def __init__(self, rules: Sequence[CompiledRule]):
+        self.rules = tuple(rules)
+        self.scans: list[tuple[tuple[CompiledRule, ...], Matcher]] = []
+        with_tails: dict[str, list[tuple[CompiledRule, PatternMatcher]]] = {}
+        for rule in self.rules:
+            matcher = rule.matcher
+            if isinstance(matcher, PatternMatcher) and matcher.tail is not None:
+                with_tails.setdefault(matcher.view, []).append((rule, matcher))
+            else:
+                self.scans.append(((rule,), matcher))
+        for members in with_tails.values():
+            matchers = [matcher for _, matcher in members]
+            if len(members) > 1 and PatternGroup.can_merge(matchers):
+                self.scans.append((tuple(rule for rule, _ in members), PatternGroup(matchers)))
+            else:
+                self.scans.extend(((rule,), matcher) for rule, matcher in members)
+        self.max_window_chars = (
+            original_chars_bound(max(rule.matcher.hold_chars for rule in self.rules)) if self.rules else 0
+        )
+
+
 class ModerationStream:
     """One window (per choice, per tool call's arguments): ``feed`` text in, moderated text out.
 
@@ -62,24 +99,23 @@ class ModerationStream:
     in the caller and raises ``RuntimeError``.
     """
 
-    def __init__(self, rules: Sequence[CompiledRule]):
-        self._rules = tuple(rules)
-        self._scanners: list[tuple[CompiledRule, TermsScanner | PatternScanner]] = [
-            (rule, rule.matcher.scanner()) for rule in self._rules
-        ]
+    def __init__(self, rules: Sequence[CompiledRule] | WindowPlan):
+        plan = rules if isinstance(rules, WindowPlan) else WindowPlan(rules)
+        self._plan = plan
+        self._rules = plan.rules
+        self._scanners = [(members, matcher.scanner()) for members, matcher in plan.scans]
         self._normalizer = Normalizer()
         self._candidates: list[_Candidate] = []
         self._released = 0  # original text before this has been released (or replaced)
         self._taken_end = 0  # end of the last redact/flag match taken
         self._blocked: Action | None = None
         self._finished = False
+        self._trim_at = _TRIM_EVERY  # trim the buffers once the text reaches this length
 
     @property
     def max_window_chars(self) -> int:
         """The most original characters this stream can hold back at once."""
-        if not self._rules:
-            return 0
-        return original_chars_bound(max(rule.matcher.hold_chars for rule in self._rules))
+        return self._plan.max_window_chars
 
     @property
     def held_chars(self) -> int:
@@ -121,24 +157,29 @@ class ModerationStream:
     def _round(self, final: bool) -> ModerationResult:
         """Collect what the new text decided, act on it, release what is safe, trim the buffers."""
         normalizer = self._normalizer
-        t = normalizer.view_end
         views = Views(normalizer)
+        base = views.base
+        t = base + len(views.plain)
         frontier = t
-        for rule, scanner in self._scanners:
-            spans, rule_frontier = scanner.advance(views, t, final)
-            for begin, end in spans:
+        for members, scanner in self._scanners:
+            spans, scan_frontier = scanner.advance(views, t, final)
+            for begin, end, member in spans:
                 self._candidates.append(
-                    _Candidate(normalizer.starts[begin - views.base], normalizer.ends[end - 1 - views.base], rule)
+                    _Candidate(normalizer.starts[begin - base], normalizer.ends[end - 1 - base], members[member])
                 )
-            frontier = min(frontier, rule_frontier)
+            frontier = min(frontier, scan_frontier)
         # Every candidate that starts before ``limit`` is known: act on those.
-        limit = normalizer.orig_pos(frontier)
+        limit = normalizer.starts[frontier - base] if frontier < t else normalizer.orig_pos(frontier)
         if self._candidates:
             result = self._act(limit)
+        elif limit > self._released:  # ``_release``, inlined for the common case
+            result = ModerationResult(normalizer.orig_text(self._released, limit))
+            self._released = limit
         else:
-            result = ModerationResult(self._release(limit))
-        if result.blocked is None:
+            result = _NOTHING
+        if result.blocked is None and normalizer.orig_end >= self._trim_at:
             normalizer.discard(min(scanner.needed_from() for _, scanner in self._scanners), self._released)
+            self._trim_at = normalizer.orig_end + _TRIM_EVERY
         return result
 
     def _act(self, limit: int) -> ModerationResult:

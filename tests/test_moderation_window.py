@@ -1,0 +1,88 @@
+"""The window's shortcuts give exactly what the plain way gives, chunk by chunk.
+
+``test_moderation_properties`` checks that any chunking adds up to the whole
+text; these check the invariants the window's fast paths rely on, and that
+they release the same text at the same time as the plain way.
+"""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from proxy.config import ModerationConfig, RuleConfig
+from proxy.moderation import ModerationEngine
+from proxy.moderation.matchers import PatternGroup
+from proxy.moderation.normalize import Normalizer
+from proxy.moderation.pii import DETECTORS, pii_matcher
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+PII_PIECES = [
+    "a", "s", "k", "x", "e", "gb", "1", "4", "0", "9", "+", "(", ")", "@", ".", "-", "_", "%", " ", "  ", "\n",
+    "bob@x.io", "4111 1111 1111 1111", "10.0.0.1", "555-123-4567", "+44 20 7946 0958", "(555) 123-4567",
+    "sk-abc123def456ghi789jkl0", "akiaabcdefghijklmnop", "gb82 west 1234 5698 7654 32", "eyj", "xoxb-",
+    "-----begin rsa private key-----", "the", "quick", "\u200b", "é",
+]  # fmt: skip
+pii_texts = st.lists(st.sampled_from(PII_PIECES), max_size=25).map("".join)
+
+
+@SETTINGS
+@given(pii_texts, st.data())
+@pytest.mark.parametrize("entity", sorted(DETECTORS))
+def test_pii_tails_are_prefix_closed(entity: str, text: str, data: st.DataObject) -> None:
+    """A position the tail rejects stays rejected as text arrives (``PatternGroup`` relies on it)."""
+    tail = pii_matcher(entity).tail
+    assert tail is not None
+    start = data.draw(st.integers(0, len(text)))
+    dead = [end for end in range(start, len(text) + 1) if tail.match(text, start, end) is None]
+    if dead:
+        assert dead == list(range(dead[0], len(text) + 1))
+
+
+def _engine(*, merge: bool) -> ModerationEngine:
+    """The six detectors and a terms rule; with ``merge=False`` each detector is scanned on its own."""
+    rules = [RuleConfig(name=entity, type="pii", entity=entity, action="redact") for entity in sorted(DETECTORS)]
+    rules.append(RuleConfig(name="t", type="terms", terms=["quick", "bob"], action="flag"))
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        if not merge:
+            monkeypatch.setattr(PatternGroup, "can_merge", staticmethod(lambda matchers: False))
+        return ModerationEngine.from_config(ModerationConfig(rules=rules))
+
+
+def test_the_pii_detectors_are_scanned_as_one_group() -> None:
+    assert len(_engine(merge=True)._plans["output"].scans) == 2  # the terms rule, and the six detectors
+    assert len(_engine(merge=False)._plans["output"].scans) == 7
+
+
+@SETTINGS
+@given(pii_texts, st.lists(st.integers(0, 12), max_size=40))
+def test_grouped_detectors_release_the_same_text_at_the_same_time(text: str, sizes: list[int]) -> None:
+    one, other = _engine(merge=False).stream("output"), _engine(merge=True).stream("output")
+    position = 0
+    for size in [*sizes, len(text)]:
+        chunk, position = text[position : position + size], position + size
+        assert one.feed(chunk) == other.feed(chunk)
+        assert one.held_chars == other.held_chars
+    assert one.finish() == other.finish()
+
+
+ASCII_PIECES = ["a", "B", " ", "  ", "\t", "\n", "\r\n", "\x0b", "\x1c", ".", "x y", "\x00", "~"]
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from(ASCII_PIECES), max_size=40).map("".join), st.lists(st.integers(0, 9), max_size=30))
+def test_ascii_chunks_build_the_views_the_general_way_does(text: str, sizes: list[int]) -> None:
+    """ASCII after an ASCII character takes a short cut; after "é" it goes the general way."""
+    fast, general = Normalizer(), Normalizer()
+    fast.push("é")
+    general.push("é" + text)
+    position = 0
+    for size in [*sizes, len(text)]:
+        fast.push(text[position : position + size])
+        position += size
+    for normalizer in (fast, general):
+        normalizer.close()
+    for field in ("plain", "folded", "starts", "ends", "orig", "_run", "_after_space"):
+        assert getattr(fast, field) == getattr(general, field), field
