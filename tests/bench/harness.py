@@ -8,7 +8,6 @@ whatever happens. Nothing here measures anything by itself.
 from __future__ import annotations
 
 import asyncio
-import math
 import os
 import platform
 import random
@@ -111,16 +110,6 @@ def rss_bytes(pid: int) -> int:
         except OSError:
             continue
     return total
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds all processes of the machine have used (every core), from /proc/stat."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
-        return math.nan
-    ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
-    return (sum(ticks) - ticks[3] - ticks[4] - ticks[7]) / CLK_TCK
 
 
 def machine_line() -> str:

@@ -50,7 +50,6 @@ from tests.bench.harness import (
     SECRET,
     cpu_seconds,
     free_port,
-    machine_busy_seconds,
     machine_line,
     moderation_terms,
     rss_bytes,
@@ -108,8 +107,6 @@ class Run:
 
     load: dict[str, Any]
     cpu_seconds: float = math.nan  # the target process (tree)
-    client_cpu_seconds: float = math.nan
-    machine_cpu_seconds: float = math.nan
     rss_peak: float = math.nan  # bytes, sampled
     rss_before: float = math.nan
     rss_ready: float = math.nan  # hold mode: with every stream open
@@ -262,16 +259,13 @@ async def run_scenario(scenario: Scenario, target: Target, opts: argparse.Namesp
             run.rss_ready = rss_bytes(watched)
 
     cpu_before = sum(cpu_seconds(watched)) if watched is not None else 0.0
-    busy_before = machine_busy_seconds()
     run.load = await run_loadgen(args, on_ready)
-    run.machine_cpu_seconds = machine_busy_seconds() - busy_before
     if watched is not None:
         run.cpu_seconds = sum(cpu_seconds(watched)) - cpu_before
         stop.set()
         assert sampler is not None
         await sampler
         run.rss_peak = peak[0]
-    run.client_cpu_seconds = run.load.get("client_cpu_seconds", math.nan)
     return run
 
 
@@ -297,8 +291,6 @@ def combine(runs: list[Run]) -> Run:
     return Run(
         load=load,
         cpu_seconds=sum(run.cpu_seconds for run in runs),
-        client_cpu_seconds=sum(run.client_cpu_seconds for run in runs),
-        machine_cpu_seconds=sum(run.machine_cpu_seconds for run in runs),
         rss_peak=max(run.rss_peak for run in runs),
         rss_before=min(run.rss_before for run in runs),
         rss_ready=max(run.rss_ready for run in runs),
