@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import sys
 import time
 from collections.abc import Coroutine, Sequence
@@ -84,10 +85,6 @@ def raise_open_file_limit() -> None:
     common default soft limit of 1,024 would refuse connections at about 500
     streams, long before memory or CPU run out.
     """
-    try:
-        import resource
-    except ImportError:  # not on this platform
-        return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY:
         hard = max(soft, 1 << 20)

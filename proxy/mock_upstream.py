@@ -50,6 +50,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from proxy import tokens
+from proxy.server import LISTEN_BACKLOG
 
 MOCK_MODELS = (
     "gpt-4o-mini",
@@ -754,7 +755,7 @@ async def run_mock_upstream(host: str, port: int, delay_ms: float) -> None:
     runner = web.AppRunner(create_mock_app(delay_ms), handler_cancellation=True, access_log=None)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port, backlog=4096).start()  # benchmarks open thousands of streams at once
+        await web.TCPSite(runner, host, port, backlog=LISTEN_BACKLOG).start()  # benchmarks open thousands of streams
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

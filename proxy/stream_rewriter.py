@@ -126,7 +126,7 @@ class StreamRewriter:
                 spliceable = len(choices) == 1 and not self._reshaped and self.blocked is None
                 spliced = _splice(data, self._edits, self._text_key) if spliceable else None
                 if spliced is not None:
-                    out = encode_data(spliced.encode())
+                    out = encode_data(spliced)
                 elif not kept and not chunk.get("usage"):
                     out = b""
                 else:
@@ -253,8 +253,7 @@ class StreamRewriter:
             result = state.content_window.finish()
             self._take(result)
             if result.text and isinstance(holder, dict):
-                key = "content" if self._chat else "text"
-                holder[key] = (holder.get(key) or "") + result.text
+                holder[self._text_key] = (holder.get(self._text_key) or "") + result.text
                 self.delivered_text = True
                 changed = True
         for tool_index, window in state.tool_windows.items():
@@ -304,41 +303,38 @@ class StreamRewriter:
         chunk = {**self._envelope, "choices": [choice]}
         return encode_data(_dumps(chunk))
 
-def _splice(data: str, edits: list[tuple[str, str]], key: str) -> str | None:
+def _splice(data: str, edits: list[tuple[str, str]], key: str) -> bytes | None:
     """The event ``data`` with each edited text swapped in place, or None to re-encode instead.
 
     Most moderated chunks change only their text (the window holds a few
     characters back or releases them later): swapping the JSON string in the
-    upstream's own bytes costs far less than encoding the whole chunk again.
-    Each old text must appear exactly once, in the spelling tried here
-    (with or without a space after the colon, escaped as Python's json would);
-    anything else is left to the full re-encode.
+    upstream's own bytes keeps every other field as the provider wrote it and
+    costs less than encoding the whole chunk again. Anything unusual (a text
+    spelled some other way, or a lone surrogate only an escape can carry) is
+    left to the full re-encode.
     """
     for old, new in edits:
-        for encoded in _json_string_spellings(old):
-            for separator in (":", ": "):
-                needle = f'"{key}"{separator}{encoded}'
-                if data.count(needle) == 1:
-                    data = data.replace(needle, f'"{key}"{separator}{_json_string(new)}')
-                    break
-            else:
-                continue
-            break
-        else:
+        swapped = _swap_once(data, key, old, new)
+        if swapped is None:
             return None
-    return data
-
-
-def _json_string(text: str) -> str:
+        data = swapped
     try:
-        return json.dumps(text, ensure_ascii=False).encode().decode()
-    except UnicodeEncodeError:  # a lone surrogate keeps its escape, as in _dumps
-        return json.dumps(text)
+        return data.encode()
+    except UnicodeEncodeError:
+        return None
 
 
-def _json_string_spellings(text: str) -> tuple[str, ...]:
-    plain, escaped = json.dumps(text, ensure_ascii=False), json.dumps(text)
-    return (plain,) if plain == escaped else (plain, escaped)
+def _swap_once(data: str, key: str, old: str, new: str) -> str | None:
+    """``"key": old`` replaced by ``"key": new`` if it appears exactly once, as Python's json spells it
+    (raw or ASCII-escaped, with or without a space after the colon)."""
+    plain = json.dumps(old, ensure_ascii=False)
+    escaped = json.dumps(old)
+    for spelling in (plain,) if escaped == plain else (plain, escaped):
+        for separator in (":", ": "):
+            needle = f'"{key}"{separator}{spelling}'
+            if data.count(needle) == 1:
+                return data.replace(needle, f'"{key}"{separator}{json.dumps(new, ensure_ascii=False)}')
+    return None
 
 
 def _has_visible_payload(holder: dict[str, Any], chat: bool) -> bool:

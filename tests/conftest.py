@@ -15,7 +15,7 @@ pytest_plugins = ["tests.conftest_redis"]
 from proxy.auth import hash_key
 from proxy.config import load_settings
 from proxy.mock_upstream import MOCK_STATE, create_mock_app
-from proxy.server import GatewayServer
+from proxy.server import LISTEN_BACKLOG, GatewayServer
 
 ALICE = "sk-test-alice-0123456789"  # team research: every model
 BOB = "sk-test-bob-0123456789"  # team interns: gpt-4o-mini only
@@ -50,7 +50,7 @@ async def start_mock(delay_ms: float = 0.0) -> tuple[web.AppRunner, MockUpstream
     app = create_mock_app(delay_ms=delay_ms)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
+    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=LISTEN_BACKLOG)
     await site.start()
     port = site._server.sockets[0].getsockname()[1]
     return runner, MockUpstream(f"http://127.0.0.1:{port}/v1", port, app[MOCK_STATE])

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 from conftest import gateway_config
 from processes import GatewayProcess
-from test_faults import auth, chat, metric_value, parse_stream, text_of
+from test_faults import chat, open_live_streams, parse_stream, text_of
 
 STREAMS = 600
 
@@ -48,13 +48,7 @@ async def test_600_streams_at_once_past_a_1024_file_limit(mock_upstream, tmp_pat
         assert _soft_limit(gateway.process.pid) > 2 * STREAMS
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-            responses = await asyncio.gather(
-                *(session.post(gateway.url + "/v1/chat/completions", json=body, headers=auth()) for _ in range(STREAMS))
-            )
-            assert [r.status for r in responses] == [200] * STREAMS
-            firsts = await asyncio.gather(*(r.content.readany() for r in responses))
-            async with session.get(gateway.url + "/metrics") as resp:
-                assert metric_value(await resp.text(), "sluice_active_streams") == STREAMS
+            responses, firsts = await open_live_streams(session, gateway.url, body, STREAMS)
             rests = await asyncio.gather(*(r.read() for r in responses))
         for first, rest in zip(firsts, rests, strict=True):
             chunks, ending = parse_stream((first + rest).decode())

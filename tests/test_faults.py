@@ -710,6 +710,20 @@ async def test_sqlite_store_unwritable_at_runtime_then_fixed(mock_upstream, star
 # -- 8. SIGTERM under 200 live streams ---------------------------------------------------------
 
 
+async def open_live_streams(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any], count: int
+) -> tuple[list[aiohttp.ClientResponse], list[bytes]]:
+    """``count`` streams at once, each past its first bytes, and the gateway counting them all as active."""
+    responses = await asyncio.gather(
+        *(session.post(url + "/v1/chat/completions", json=body, headers=auth()) for _ in range(count))
+    )
+    assert [r.status for r in responses] == [200] * count
+    firsts = await asyncio.gather(*(r.content.readany() for r in responses))
+    async with session.get(url + "/metrics") as resp:
+        assert metric_value(await resp.text(), "sluice_active_streams") == count
+    return responses, firsts
+
+
 async def test_sigterm_under_200_live_streams(mock_upstream, tmp_path):
     streams = 200
     db = tmp_path / "sluice.db"
@@ -721,13 +735,7 @@ async def test_sigterm_under_200_live_streams(mock_upstream, tmp_path):
     async with GatewayProcess(config, tmp_path / "sluice.yaml") as gateway:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=60)) as session:
-            responses = await asyncio.gather(
-                *(session.post(gateway.url + "/v1/chat/completions", json=body, headers=auth()) for _ in range(streams))
-            )
-            assert [r.status for r in responses] == [200] * streams
-            firsts = await asyncio.gather(*(r.content.readany() for r in responses))
-            async with session.get(gateway.url + "/metrics") as resp:
-                assert metric_value(await resp.text(), "sluice_active_streams") == streams
+            responses, firsts = await open_live_streams(session, gateway.url, body, streams)
             gateway.process.send_signal(signal.SIGTERM)
             rests = await asyncio.gather(*(r.read() for r in responses))
         for first, rest in zip(firsts, rests, strict=True):

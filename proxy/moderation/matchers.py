@@ -211,16 +211,23 @@ class PatternMatcher:
         return PatternScanner(self)
 
 
-class PatternScanner:
-    """One stream's progress through a pattern rule: positions before ``_next`` are decided."""
+class _PatternProgress:
+    """What pattern scanners share: view positions before ``_next`` are decided."""
 
-    def __init__(self, matcher: PatternMatcher):
-        self._m = matcher
+    def __init__(self) -> None:
         self._next = 0
 
     def needed_from(self) -> int:
         """The first view position a later round may read (what lookbehinds see)."""
         return max(0, self._next - LEFT_CONTEXT)
+
+
+class PatternScanner(_PatternProgress):
+    """One stream's progress through a pattern rule."""
+
+    def __init__(self, matcher: PatternMatcher):
+        super().__init__()
+        self._m = matcher
 
     def advance(self, views: Views, t: int, final: bool) -> tuple[list[Span], int]:
         m = self._m
@@ -319,16 +326,12 @@ def _alternatives(patterns: Sequence[re.Pattern[str]]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{p.pattern})" for p in patterns), patterns[0].flags)
 
 
-class PatternGroupScanner:
-    """One stream's progress through a ``PatternGroup``: positions before ``_next`` are decided for every member."""
+class PatternGroupScanner(_PatternProgress):
+    """One stream's progress through a ``PatternGroup``, the same for every member."""
 
     def __init__(self, group: PatternGroup):
+        super().__init__()
         self._g = group
-        self._next = 0
-
-    def needed_from(self) -> int:
-        """The first view position a later round may read (what lookbehinds see)."""
-        return max(0, self._next - LEFT_CONTEXT)
 
     def advance(self, views: Views, t: int, final: bool) -> tuple[list[Span], int]:
         g = self._g
