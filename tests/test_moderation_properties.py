@@ -96,6 +96,21 @@ def _same_as_whole(engine: ModerationEngine, text: str, chunks: list[str]) -> Mo
 
 
 @SETTINGS
+@given(split_texts(), st.sampled_from([MIXED, NO_BLOCK, FLAG_AND_BLOCK]))
+def test_the_last_chunk_given_to_finish_counts_as_fed(case: tuple[str, list[str]], engine: ModerationEngine) -> None:
+    _, chunks = case
+    fed, given_last = engine.stream("output"), engine.stream("output")
+    for chunk in chunks[:-1]:
+        assert fed.feed(chunk) == given_last.feed(chunk)
+    last = chunks[-1] if chunks else ""
+    head = fed.feed(last)
+    tail = fed.finish()
+    if head.blocked is None:
+        head = ModerationResult(head.text + tail.text, head.actions + tail.actions, tail.blocked)
+    assert given_last.finish(last) == head
+
+
+@SETTINGS
 @given(split_texts())
 def test_any_chunking_equals_the_whole_text_mixed_rules(case: tuple[str, list[str]]) -> None:
     _same_as_whole(MIXED, *case)

@@ -7,12 +7,14 @@ they release the same text at the same time as the plain way.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.config import ModerationConfig, RuleConfig
-from proxy.moderation import ModerationEngine
+from proxy.moderation import ModerationEngine, pii
 from proxy.moderation.matchers import PatternGroup
 from proxy.moderation.normalize import Normalizer
 from proxy.moderation.pii import DETECTORS, pii_matcher
@@ -41,13 +43,19 @@ def test_pii_tails_are_prefix_closed(entity: str, text: str, data: st.DataObject
         assert dead == list(range(dead[0], len(text) + 1))
 
 
-def _engine(*, merge: bool) -> ModerationEngine:
-    """The six detectors and a terms rule; with ``merge=False`` each detector is scanned on its own."""
+def _engine(*, merge: bool, needs: bool = True) -> ModerationEngine:
+    """The six detectors and a terms rule; with ``merge=False`` each detector is scanned on its own.
+
+    ``needs=False`` drops the detectors' ``needs``, so every text is searched.
+    """
     rules = [RuleConfig(name=entity, type="pii", entity=entity, action="redact") for entity in sorted(DETECTORS)]
     rules.append(RuleConfig(name="t", type="terms", terms=["quick", "bob"], action="flag"))
     with pytest.MonkeyPatch.context() as monkeypatch:
         if not merge:
             monkeypatch.setattr(PatternGroup, "can_merge", staticmethod(lambda matchers: False))
+        if not needs:
+            without = {entity: replace(detector, needs=None) for entity, detector in DETECTORS.items()}
+            monkeypatch.setattr(pii, "DETECTORS", without)
         return ModerationEngine.from_config(ModerationConfig(rules=rules))
 
 
@@ -66,6 +74,34 @@ def test_grouped_detectors_release_the_same_text_at_the_same_time(text: str, siz
         assert one.feed(chunk) == other.feed(chunk)
         assert one.held_chars == other.held_chars
     assert one.finish() == other.finish()
+
+
+@SETTINGS
+@given(pii_texts, st.lists(st.integers(0, 12), max_size=40), st.booleans())
+def test_skipping_text_without_a_detectors_needs_changes_nothing(text: str, sizes: list[int], merge: bool) -> None:
+    """Every match contains its detector's ``needs``, so skipping text without it loses none."""
+    searched, skipping = _engine(merge=merge, needs=False).stream("output"), _engine(merge=merge).stream("output")
+    position = 0
+    for size in sizes:
+        chunk, position = text[position : position + size], position + size
+        assert searched.feed(chunk) == skipping.feed(chunk)
+        assert searched.held_chars == skipping.held_chars
+    assert searched.finish(text[position:]) == skipping.finish(text[position:])
+
+
+def test_a_group_searches_only_the_detectors_whose_needs_are_in_the_text() -> None:
+    group = next(m for _, m in _engine(merge=True)._plans["output"].scans if isinstance(m, PatternGroup))
+    entities = sorted(DETECTORS)
+
+    def possible(text: str) -> list[str]:
+        return [entities[i] for i in group.possible_members(text, 0, len(text))]
+
+    assert possible("the quick brown fox, twice over.") == []
+    assert possible("call me on the 3rd") == ["credit_card", "iban", "ipv4", "phone"]
+    assert possible("write to bob@x") == ["email"]
+    assert possible("use sk-proj") == ["secret"]
+    assert possible("bob@x, 3rd, eyj") == entities
+    assert group.possible_members("words, then 3", 0, 11) == ()  # only the given range is read
 
 
 ASCII_PIECES = ["a", "B", " ", "  ", "\t", "\n", "\r\n", "\x0b", "\x1c", ".", "x y", "\x00", "~"]

@@ -50,12 +50,7 @@ class ModerationEngine:
 
     def moderate(self, text: str, direction: Direction) -> ModerationResult:
         """Moderate a whole text. With a block, ``text`` is what comes before the match."""
-        stream = self.stream(direction)
-        head = stream.feed(text)
-        if head.blocked is not None:
-            return head
-        tail = stream.finish()
-        return ModerationResult(head.text + tail.text, head.actions + tail.actions, tail.blocked)
+        return self.stream(direction).finish(text)
 
     def stream(self, direction: Direction) -> ModerationStream:
         """A new window for one stream of text (one choice, or one tool call's arguments)."""

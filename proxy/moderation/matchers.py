@@ -189,6 +189,10 @@ class PatternMatcher:
     holding ``max_len`` characters back. What the tail matches must be closed
     under prefixes: text that cannot grow into a match cannot after more text
     either (``PatternGroup`` relies on it).
+
+    ``needs``, when given, is a cheap pattern found inside every match (an
+    "@" in an e-mail address, a digit in a card number): text without it is
+    not searched at all, which is most prose.
     """
 
     def __init__(
@@ -199,13 +203,19 @@ class PatternMatcher:
         view: ViewKind,
         tail: re.Pattern[str] | None = None,
         validate: Validator | None = None,
+        needs: re.Pattern[str] | None = None,
     ):
         self.pattern = pattern
         self.max_len = max_len
         self.view = view
         self.tail = tail
         self.validate = validate
+        self.needs = needs
         self.hold_chars = max_len + RIGHT_CONTEXT - 1
+
+    def may_match(self, text: str, start: int, end: int) -> bool:
+        """Whether a match could lie in ``text[start:end]`` (False only if ``needs`` is absent there)."""
+        return self.needs is None or self.needs.search(text, start, end) is not None
 
     def scanner(self) -> PatternScanner:
         return PatternScanner(self)
@@ -235,7 +245,8 @@ class PatternScanner(_PatternProgress):
         base = views.base
         frontier = t if final else _frontier(m, text, base, self._next, t)
         spans: list[Span] = []
-        _collect(m, 0, text, base, self._next, frontier, t, spans)
+        if m.may_match(text, self._next - base, t - base):
+            _collect(m, 0, text, base, self._next, frontier, t, spans)
         self._next = frontier
         return spans, frontier
 
@@ -287,15 +298,41 @@ class PatternGroup:
     ``test_pii_tails_are_prefix_closed``). A member's matches are reported
     once every member has decided their start, which may be a round later
     than alone, but they are decided then, so they are the same.
+
+    Members whose ``needs`` is absent from the text to search are left out
+    of the merged pattern (one merged pattern per set of members, made when
+    first needed): prose without a digit or an "@" skips most of the work.
     """
 
     def __init__(self, matchers: Sequence[PatternMatcher]):
         self.members = tuple(matchers)
         self.view = self.members[0].view
-        self.pattern = _alternatives([m.pattern for m in self.members])
         self.tail = _alternatives([m.tail for m in self.members if m.tail is not None])
         self.hold_chars = max(m.hold_chars for m in self.members)
         self.min_hold_chars = min(m.hold_chars for m in self.members)
+        everyone = tuple(range(len(self.members)))
+        self._merged = {everyone: _alternatives([m.pattern for m in self.members])}
+        # Members sharing one ``needs`` (a digit, say) are asked about it once.
+        self._needless = [i for i, m in enumerate(self.members) if m.needs is None]
+        self._needs: dict[str, tuple[re.Pattern[str], list[int]]] = {}
+        for i, m in enumerate(self.members):
+            if m.needs is not None:
+                self._needs.setdefault(m.needs.pattern, (m.needs, []))[1].append(i)
+
+    def possible_members(self, text: str, start: int, end: int) -> tuple[int, ...]:
+        """The members that could match in ``text[start:end]``, in order."""
+        possible = list(self._needless)
+        for needs, members in self._needs.values():
+            if needs.search(text, start, end) is not None:
+                possible.extend(members)
+        return tuple(sorted(possible))
+
+    def merged_pattern(self, members: tuple[int, ...]) -> re.Pattern[str]:
+        """The patterns of ``members`` as alternatives: a search finds the leftmost start of any of them."""
+        merged = self._merged.get(members)
+        if merged is None:
+            merged = self._merged[members] = _alternatives([self.members[i].pattern for i in members])
+        return merged
 
     @staticmethod
     def can_merge(matchers: Sequence[PatternMatcher]) -> bool:
@@ -352,10 +389,11 @@ class PatternGroupScanner(_PatternProgress):
             else:
                 frontier = min(_frontier(m, text, base, position, t) for m in g.members)
         spans: list[Span] = []
-        if position < frontier:
-            found = g.pattern.search(text, position - base, t - base)
+        possible = g.possible_members(text, position - base, t - base) if position < frontier else ()
+        if possible:
+            found = g.merged_pattern(possible).search(text, position - base, t - base)
             if found is not None and found.start() + base < frontier:
-                for member, m in enumerate(g.members):
-                    _collect(m, member, text, base, found.start() + base, frontier, t, spans)
+                for member in possible:
+                    _collect(g.members[member], member, text, base, found.start() + base, frontier, t, spans)
         self._next = frontier
         return spans, frontier

@@ -30,10 +30,15 @@ from .matchers import PatternMatcher, Validator, regex_width
 
 @dataclass(frozen=True)
 class Detector:
-    """One PII entity: ``validate`` may reject or shorten a match; ``max_len`` caps an unbounded pattern."""
+    """One PII entity: ``validate`` may reject or shorten a match; ``max_len`` caps an unbounded pattern.
+
+    ``needs`` is found inside every match ``pattern`` makes: the matcher skips
+    text without it.
+    """
 
     pattern: str
     tail: str
+    needs: str | None = None
     validate: Validator | None = None
     max_len: int | None = None  # None: the pattern's own longest match
 
@@ -42,6 +47,9 @@ def _prefixes(*literals: str) -> str:
     """An alternation of every proper prefix of ``literals`` (the empty one included)."""
     parts = {literal[:i] for literal in literals for i in range(len(literal))}
     return "|".join(re.escape(p) for p in sorted(parts, key=len, reverse=True))
+
+
+_DIGIT = "[0-9]"  # the patterns' own digit class (NFKC has made fullwidth digits ASCII)
 
 
 def _digits(text: str) -> str:
@@ -58,6 +66,7 @@ _EMAIL = Detector(
     ),
     # A run of address characters without "@" that has already ended cannot become one.
     tail=r"(?<![a-z0-9._%+-])[a-z0-9._%+-]*(?:@[a-z0-9.-]*.?)?\Z",
+    needs="@",
     max_len=254,
 )
 
@@ -84,6 +93,7 @@ _PHONE = Detector(
         r")(?!\w|[ .-][0-9])"
     ),
     tail=r"(?<![\w+])(?:[0-9+(][0-9+() .-]*.?)?\Z",
+    needs=_DIGIT,
     validate=_phone_digits_ok,
 )
 
@@ -107,6 +117,7 @@ def _luhn_ok(match: str) -> int | None:
 _CREDIT_CARD = Detector(
     pattern=r"(?<![0-9])(?<![0-9]-)[0-9](?:[ -]?[0-9]){12,18}(?![0-9]|[ -][0-9])",
     tail=r"(?<![0-9])(?<![0-9]-)(?:[0-9][0-9 -]*.?)?\Z",
+    needs=_DIGIT,
     validate=_luhn_ok,
 )
 
@@ -117,6 +128,7 @@ _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])"
 _IPV4 = Detector(
     pattern=rf"(?<![\w.])(?:{_OCTET}\.){{3}}{_OCTET}(?!\w|\.[0-9])",
     tail=r"(?<![\w.])(?:[0-9][0-9.]*.?)?\Z",
+    needs=_DIGIT,
 )
 
 
@@ -161,6 +173,7 @@ def _iban_ok(match: str) -> int | None:
 _IBAN = Detector(
     pattern=r"(?<![a-z0-9])[a-z]{2}[0-9]{2}(?: ?[a-z0-9]{4}){2,7}(?: ?[a-z0-9]{1,4})?(?![a-z0-9])",
     tail=r"(?<![a-z0-9])(?:[a-z]{1,2}|[a-z]{2}[0-9]|[a-z]{2}[0-9]{2}[a-z0-9 ]*.?)?\Z",
+    needs=_DIGIT,
     validate=_iban_ok,
 )
 
@@ -201,6 +214,8 @@ _SECRET = Detector(
         + r"(?:" + "|".join(re.escape(p) for p in _TOKEN_PREFIXES) + r")[a-z0-9_.-]*.?)"
         r"|(?:" + _prefixes(_PEM_PREFIX) + "|" + re.escape(_PEM_PREFIX) + r"[a-z0-9 -]*.?))\Z"
     ),
+    # Every alternative of the pattern begins with one of these.
+    needs=r"sk-|a[ks]ia|gh[opusr]_|github_pat_|xox[baprs]-|eyj|-----begin ",
     validate=_secret_ok,
 )
 
@@ -225,4 +240,5 @@ def pii_matcher(entity: str) -> PatternMatcher:
         view="plain",
         tail=re.compile(detector.tail, re.DOTALL),
         validate=detector.validate,
+        needs=re.compile(detector.needs) if detector.needs else None,
     )

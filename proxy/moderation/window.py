@@ -95,8 +95,9 @@ class ModerationStream:
 
     After a block the stream is over: ``feed`` and ``finish`` return an empty
     result (the block was reported once, by the call that found it). A second
-    ``finish`` returns an empty result too; ``feed`` after ``finish`` is a bug
-    in the caller and raises ``RuntimeError``.
+    ``finish()`` returns an empty result too; ``feed`` after ``finish``, or a
+    second ``finish`` with more text, is a bug in the caller and raises
+    ``RuntimeError``.
     """
 
     def __init__(self, rules: Sequence[CompiledRule] | WindowPlan):
@@ -143,14 +144,21 @@ class ModerationStream:
         self._normalizer.push(text)
         return self._round(final=False)
 
-    def finish(self) -> ModerationResult:
-        """The text has ended: decide what is left and release it."""
+    def finish(self, last: str = "") -> ModerationResult:
+        """The text has ended, with ``last`` if given: decide what is left and release it.
+
+        ``finish(text)`` on a new stream is the cheapest way to moderate a whole
+        text: one round, in which nothing has to be held back.
+        """
         if self._finished or self._blocked is not None:
+            if last and self._blocked is None:
+                raise RuntimeError("finish() with more text after finish()")
             self._finished = True
             return _NOTHING
         self._finished = True
         if not self._rules:
-            return _NOTHING
+            return ModerationResult(last)
+        self._normalizer.push(last)
         self._normalizer.close()
         return self._round(final=True)
 
