@@ -8,6 +8,7 @@ whatever happens. Nothing here measures anything by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import random
@@ -85,6 +86,24 @@ def process_tree(pid: int) -> list[int]:
         tree.append(current)
         todo.extend(children.get(current, ()))
     return tree
+
+
+def pin(pid: int, cpus: set[int] | None) -> None:
+    """Keep every thread of ``pid`` and of its descendants on ``cpus`` (None: leave them be).
+
+    Threads get their own affinity on Linux, and a new thread inherits its
+    creator's, so pinning all of them right after start holds for later ones.
+    """
+    if not cpus:
+        return
+    for member in process_tree(pid):
+        try:
+            threads = os.listdir(f"/proc/{member}/task")
+        except OSError:
+            continue
+        for thread in threads:
+            with contextlib.suppress(OSError):  # gone already
+                os.sched_setaffinity(int(thread), cpus)
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:

@@ -52,6 +52,7 @@ from tests.bench.harness import (
     free_port,
     machine_line,
     moderation_terms,
+    pin,
     rss_bytes,
     start_process,
     stop_process,
@@ -188,11 +189,41 @@ def window_holdback_chars(scenario: Scenario, moderation: bool, tmp: Path) -> in
 # -- running -------------------------------------------------------------------
 
 
-async def run_loadgen(args: list[str], on_ready: Any = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Placement:
+    """The CPUs of the measured target, and of everything else (the load, the mocks, Redis).
+
+    On a small machine the client, the mock and the gateway otherwise take
+    turns on the same cores, and a gateway's added latency includes waiting
+    for the client's and the mock's CPU work, which a deployed gateway, on
+    its own machine, does not. Pinned, each target has one core to itself and
+    the rest share the others, the same for every target and for direct.
+    """
+
+    target: set[int] | None = None
+    others: set[int] | None = None
+
+    @classmethod
+    def choose(cls, pinned: bool) -> Placement:
+        cpus = sorted(os.sched_getaffinity(0))
+        if not pinned or len(cpus) < 2:
+            return cls()
+        return cls({cpus[-1]}, set(cpus[:-1]))
+
+    def describe(self) -> str:
+        if not self.target or not self.others:
+            return "CPUs: not pinned; the load generator, the mocks and the target share every core"
+        others = ",".join(map(str, sorted(self.others)))
+        return (f"CPUs: each target alone on CPU {min(self.target)}; the load generator, the mocks "
+                f"(and Redis) on CPU {others} (--no-pin to share)")
+
+
+async def run_loadgen(args: list[str], cpus: set[int] | None, on_ready: Any = None) -> dict[str, Any]:
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "tests.bench.loadgen", *args, cwd=REPO,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )
+    pin(proc.pid, cpus)
     assert proc.stdout is not None and proc.stderr is not None
     result: dict[str, Any] | None = None
     async for line in proc.stdout:
@@ -236,7 +267,7 @@ async def run_scenario(scenario: Scenario, target: Target, opts: argparse.Namesp
     # open on every hop, and code paths are hot, before anything is timed.
     warm = loadgen_args(scenario, target, opts, stream=False, holdback=0)
     warm[warm.index("--concurrency") + 1] = str(min(scenario.concurrency, 200))
-    await run_loadgen(warm + ["--requests", str(max(2 * min(scenario.concurrency, 200), 20))])
+    await run_loadgen(warm + ["--requests", str(max(2 * min(scenario.concurrency, 200), 20))], opts.placement.others)
 
     args = loadgen_args(scenario, target, opts, stream=scenario.stream, holdback=holdback)
     if scenario.hold:
@@ -259,7 +290,7 @@ async def run_scenario(scenario: Scenario, target: Target, opts: argparse.Namesp
             run.rss_ready = rss_bytes(watched)
 
     cpu_before = sum(cpu_seconds(watched)) if watched is not None else 0.0
-    run.load = await run_loadgen(args, on_ready)
+    run.load = await run_loadgen(args, opts.placement.others, on_ready)
     if watched is not None:
         run.cpu_seconds = sum(cpu_seconds(watched)) - cpu_before
         stop.set()
@@ -312,6 +343,7 @@ async def start_services(opts: argparse.Namespace, tmp: Path, files: list[Any], 
             proc = start_process([sys.executable, "-m", "proxy", "mock-upstream", "--host", "127.0.0.1",
                                   "--port", str(port), "--delay-ms", str(pace)], mock_err, mock_err)
             procs.append(proc)
+            pin(proc.pid, opts.placement.others)
             services.mocks[model] = f"http://127.0.0.1:{port}/v1"
             services.mock_pids.append(proc.pid)
             await wait_healthy(probe, services.mocks[model] + "/models", proc, f"mock ({model})", tmp / "mocks.err")
@@ -323,6 +355,8 @@ async def start_services(opts: argparse.Namespace, tmp: Path, files: list[Any], 
             redis = RedisServer(tmp / "redis")
             redis.start()
             services.redis = redis
+            assert redis.pid is not None
+            pin(redis.pid, opts.placement.others)
             accounting["redis_url"] = redis.url
         config = sluice_config(tmp, port, services.mocks, not opts.no_moderation, accounting, opts.log_level)
         log, err = (tmp / "sluice.log").open("wb"), (tmp / "sluice.err").open("wb")
@@ -331,6 +365,7 @@ async def start_services(opts: argparse.Namespace, tmp: Path, files: list[Any], 
             [sys.executable, "-m", "proxy"]
         proc = start_process(runner + ["serve", "--config", str(config)], log, err)
         procs.append(proc)
+        pin(proc.pid, opts.placement.target)
         await wait_healthy(probe, f"http://127.0.0.1:{port}/readyz", proc, "sluice", tmp / "sluice.err")
         services.targets.append(Target("sluice", f"http://127.0.0.1:{port}/v1",
                                        {"Authorization": f"Bearer {SECRET}"}, proc.pid))
@@ -340,6 +375,7 @@ async def start_services(opts: argparse.Namespace, tmp: Path, files: list[Any], 
         proc = start_process([sys.executable, "-m", "tests.bench.bare_proxy", "--port", str(port), *routes],
                              mock_err, mock_err)
         procs.append(proc)
+        pin(proc.pid, opts.placement.target)
         await wait_healthy(probe, f"http://127.0.0.1:{port}/healthz", proc, "bare proxy", tmp / "mocks.err")
         services.targets.append(Target("bare", f"http://127.0.0.1:{port}/v1", {}, proc.pid))
 
@@ -353,6 +389,7 @@ async def start_services(opts: argparse.Namespace, tmp: Path, files: list[Any], 
             proc = start_process(litellm_peer.command(litellm_python, config, "127.0.0.1", port), err, err,
                                  env=litellm_peer.environment(), cwd=tmp)
             procs.append(proc)
+            pin(proc.pid, opts.placement.target)
             await wait_healthy(probe, f"http://127.0.0.1:{port}{litellm_peer.HEALTH_PATH}", proc, "litellm",
                                tmp / "litellm.err", headers={"Authorization": f"Bearer {LITELLM_KEY}"})
             services.targets.append(Target("litellm", f"http://127.0.0.1:{port}/v1",
@@ -472,7 +509,7 @@ def summary(results: dict[str, dict[str, Run]], opts: argparse.Namespace) -> lis
 def report(results: dict[str, dict[str, Run]], opts: argparse.Namespace, holdbacks: dict[str, int],
            litellm_version: str | None) -> str:
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    out = [f"Sluice benchmark suite, {now}", machine_line()]
+    out = [f"Sluice benchmark suite, {now}", machine_line(), opts.placement.describe()]
     out.append(f"Sluice: moderation {'off' if opts.no_moderation else f'on (six PII redact rules, {TERMS:,}-term block list)'}, "
                f"{opts.store} store, limits far above the load, JSON logs at {opts.log_level} to a file"
                + (f"; LiteLLM {litellm_version}: its defaults, no database (so no budgets), "
@@ -535,7 +572,10 @@ def parse_args() -> argparse.Namespace:
                         help="give LiteLLM its offline content filter (email masking and the same block list)")
     parser.add_argument("--make-litellm-venv", metavar="DIR", help="create a venv with litellm[proxy] there and use it")
     parser.add_argument("--profile", metavar="FILE", help="run Sluice under cProfile and save the profile there")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="let every process run on every core (default: each target alone on the last CPU)")
     opts = parser.parse_args()
+    opts.placement = Placement.choose(not opts.no_pin)
     known = {s.name for s in SCENARIOS}
     opts.scenarios = [s for s in SCENARIOS if not opts.only or s.name in opts.only.split(",")]
     unknown = set(opts.only.split(",")) - known if opts.only else set()
