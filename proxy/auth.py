@@ -26,9 +26,13 @@ def model_matches(model: str, globs: list[str] | tuple[str, ...]) -> bool:
     return any(fnmatchcase(model, glob) for glob in globs)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Caller:
-    """An authenticated client: the key entry and the team it belongs to."""
+    """An authenticated client: the key entry and the team it belongs to.
+
+    One per key and config load, compared and hashed by identity, so what is
+    derived from it can be cached cheaply.
+    """
 
     key: KeyConfig
     team: TeamConfig

@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import logging
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 import structlog
@@ -60,10 +61,14 @@ class LineBatcher:
 
 
 _output: LineBatcher | None = None
+# The logger of the per-request line, bound when logging is configured (None when
+# info lines are dropped): structlog's module-level proxy builds a new bound
+# logger for every line, which costs as much as rendering a small one.
+_request_log: Any = None
 
 
 def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    global _output
+    global _output, _request_log
     if _output is not None:
         _output.flush()  # lines of the old configuration go where they were meant to
     _output = output = LineBatcher(stream or sys.stdout)
@@ -84,6 +89,7 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
         logger_factory=lambda *_: output,
         cache_logger_on_first_use=False,
     )
+    _request_log = log.bind() if _LEVELS[level] <= logging.INFO else None
     # aiohttp and asyncio log through the standard library; keep their warnings, in the same stream.
     logging.basicConfig(level=logging.WARNING, stream=stream or sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.server").addFilter(_no_traceback_for_bad_requests)
@@ -101,3 +107,12 @@ def _no_traceback_for_bad_requests(record: logging.LogRecord) -> bool:
 
 
 log = structlog.get_logger("sluice")
+
+
+def log_request(fields: Callable[[], dict[str, Any]]) -> None:
+    """Log the line a request ends with; ``fields`` is only called if the line is kept."""
+    if _request_log is not None:
+        _request_log.info("request", **fields())
+    elif _output is None:  # logging not configured (a library user, a test): structlog's defaults
+        log.info("request", **fields())
+

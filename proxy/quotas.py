@@ -9,6 +9,7 @@ says fail closed), and settles on the way out whatever happened.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -40,6 +41,7 @@ class QuotaRejected(GatewayError):
         self.limit = rejection.limit_name
 
 
+@functools.lru_cache(maxsize=1024)
 def subjects_of(caller: Caller) -> tuple[Subject, Subject]:
     return Subject("key", caller.key_id, caller.key.limits), Subject("team", caller.team_name, caller.team.limits)
 

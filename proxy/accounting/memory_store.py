@@ -7,7 +7,7 @@ between: atomic without a lock.
 
 from __future__ import annotations
 
-import uuid
+import os
 from typing import Iterable, Sequence
 
 from proxy.accounting.ledger import (
@@ -56,7 +56,7 @@ class MemoryQuota:
             self._active_slots(check.counter, now) if check.kind == CONCURRENCY else counters.get(check.counter, 0)
             for check in request_plan.checks
         ]
-        outcome = decide(request_plan, observed, prompt_tokens, max_tokens, now, uuid.uuid4().hex)
+        outcome = decide(request_plan, observed, prompt_tokens, max_tokens, now, os.urandom(16).hex())
         if isinstance(outcome, Rejection):
             return outcome
         for check in request_plan.checks:

@@ -40,7 +40,7 @@ import functools
 import hashlib
 import json
 import math
-import uuid
+import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -464,7 +464,7 @@ class RedisStore(QuotaStore):
     ) -> Reservation | Rejection:
         validate_amounts(prompt_tokens, max_tokens)
         request_plan = plan(subjects, now)
-        reservation_id = uuid.uuid4().hex
+        reservation_id = os.urandom(16).hex()
         keys, args = self._reserve_arguments(request_plan, reservation_id, prompt_tokens, max_tokens, now)
         admitted, clamped, *observed = map(int, (await self._run(_RESERVE, keys, args)).split())
         outcome = decide(request_plan, observed, prompt_tokens, max_tokens, now, reservation_id)
