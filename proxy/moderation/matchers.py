@@ -190,9 +190,10 @@ class PatternMatcher:
     under prefixes: text that cannot grow into a match cannot after more text
     either (``PatternGroup`` relies on it).
 
-    ``needs``, when given, is a cheap pattern found inside every match (an
-    "@" in an e-mail address, a digit in a card number): text without it is
-    not searched at all, which is most prose.
+    ``needs``, when given, lists strings one of which is inside every match
+    (an "@" in an e-mail address, a digit in a card number): text without
+    any of them is not searched at all, which is most prose. Literal strings,
+    because ``str.find`` scans for them faster than a regular expression.
     """
 
     def __init__(
@@ -203,7 +204,7 @@ class PatternMatcher:
         view: ViewKind,
         tail: re.Pattern[str] | None = None,
         validate: Validator | None = None,
-        needs: re.Pattern[str] | None = None,
+        needs: tuple[str, ...] | None = None,
     ):
         self.pattern = pattern
         self.max_len = max_len
@@ -215,7 +216,7 @@ class PatternMatcher:
 
     def may_match(self, text: str, start: int, end: int) -> bool:
         """Whether a match could lie in ``text[start:end]`` (False only if ``needs`` is absent there)."""
-        return self.needs is None or self.needs.search(text, start, end) is not None
+        return self.needs is None or _contains_any(text, self.needs, start, end)
 
     def scanner(self) -> PatternScanner:
         return PatternScanner(self)
@@ -314,16 +315,16 @@ class PatternGroup:
         self._merged = {everyone: _alternatives([m.pattern for m in self.members])}
         # Members sharing one ``needs`` (a digit, say) are asked about it once.
         self._needless = [i for i, m in enumerate(self.members) if m.needs is None]
-        self._needs: dict[str, tuple[re.Pattern[str], list[int]]] = {}
+        self._needs: dict[tuple[str, ...], list[int]] = {}
         for i, m in enumerate(self.members):
             if m.needs is not None:
-                self._needs.setdefault(m.needs.pattern, (m.needs, []))[1].append(i)
+                self._needs.setdefault(m.needs, []).append(i)
 
     def possible_members(self, text: str, start: int, end: int) -> tuple[int, ...]:
         """The members that could match in ``text[start:end]``, in order."""
         possible = list(self._needless)
-        for needs, members in self._needs.values():
-            if needs.search(text, start, end) is not None:
+        for needs, members in self._needs.items():
+            if _contains_any(text, needs, start, end):
                 possible.extend(members)
         return tuple(sorted(possible))
 
@@ -357,6 +358,10 @@ class PatternGroup:
 
     def scanner(self) -> PatternGroupScanner:
         return PatternGroupScanner(self)
+
+
+def _contains_any(text: str, needles: tuple[str, ...], start: int, end: int) -> bool:
+    return any(text.find(needle, start, end) >= 0 for needle in needles)
 
 
 def _alternatives(patterns: Sequence[re.Pattern[str]]) -> re.Pattern[str]:
