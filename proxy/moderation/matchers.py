@@ -361,7 +361,10 @@ class PatternGroup:
 
 
 def _contains_any(text: str, needles: tuple[str, ...], start: int, end: int) -> bool:
-    return any(text.find(needle, start, end) >= 0 for needle in needles)
+    for needle in needles:  # a loop, not any(): most calls look at a few characters
+        if text.find(needle, start, end) >= 0:
+            return True
+    return False
 
 
 def _alternatives(patterns: Sequence[re.Pattern[str]]) -> re.Pattern[str]:
