@@ -77,6 +77,7 @@ class Scenario:
     concurrency: int
     stream: bool = False
     hold: bool = False  # open every stream at once and measure memory
+    burst: bool = False  # start every stream within one chunk delay, not over --stream-ramp-seconds
     single_round: bool = False  # long enough (and slow enough through a slow peer) to run once
 
 
@@ -85,6 +86,8 @@ SCENARIOS = (
     Scenario("chat-c50", "non-streamed small chat, concurrency 50", WHOLE_MODEL, 20, 50),
     Scenario("chat-c200", "non-streamed small chat, concurrency 200", WHOLE_MODEL, 20, 200),
     Scenario("stream-c50", "streamed 200-token answers, concurrency 50", STREAM_MODEL, 200, 50, stream=True),
+    Scenario("stream-burst-c50", "streamed 200-token answers, concurrency 50, all started within one chunk delay",
+             STREAM_MODEL, 200, 50, stream=True, burst=True),
     Scenario("stream-c500", "streamed 200-token answers, concurrency 500", STREAM_MODEL, 200, 500, stream=True,
              single_round=True),
     Scenario("open-2000", "2,000 concurrent open streams", SLOW_MODEL, 12, 2000, stream=True, hold=True,
@@ -255,11 +258,29 @@ def loadgen_args(scenario: Scenario, target: Target, opts: argparse.Namespace, *
     args = ["--url", url, "--body", request_body(scenario, stream), "--concurrency", str(scenario.concurrency)]
     for name, value in target.headers.items():
         args += ["--header", f"{name}: {value}"]
-    pace = opts.chunk_delay_ms if scenario.model == STREAM_MODEL else opts.delay_ms
-    args += ["--ramp-seconds", str(min(pace / 1000, 1.0) if not scenario.hold else opts.hold_ramp_seconds)]
+    args += ["--ramp-seconds", str(ramp_seconds(scenario, opts))]
     if stream:
         args += ["--stream", "--release-chars", str(holdback)]
     return args
+
+
+def ramp_seconds(scenario: Scenario, opts: argparse.Namespace) -> float:
+    """How long the load generator takes to start all its workers.
+
+    A closed loop settles into a steady state: each worker starts its next
+    request as its last ends, so starts spread over a request's length. Chat
+    requests are short and spread by themselves after one mock delay. A
+    stream lasts 10 s, so its workers are spread over ``--stream-ramp-seconds``
+    (at concurrency 50, 2 s is 25 starts a second, five times the rate of a
+    steady loop); the burst scenario starts them all within one chunk delay,
+    which is a thousand starts a second and queues on any gateway's CPU.
+    """
+    if scenario.hold:
+        return opts.hold_ramp_seconds
+    if scenario.stream and not scenario.burst:
+        return opts.stream_ramp_seconds
+    pace = opts.chunk_delay_ms if scenario.model == STREAM_MODEL else opts.delay_ms
+    return min(pace / 1000, 1.0)
 
 
 async def run_scenario(scenario: Scenario, target: Target, opts: argparse.Namespace, holdback: int) -> Run:
@@ -494,7 +515,7 @@ def summary(results: dict[str, dict[str, Run]], opts: argparse.Namespace) -> lis
         lines.append(f"  2,000 open streams: Sluice RSS {fmt(hold.rss_ready / MIB, 0)} MiB with every stream open "
                      f"({fmt(hold.rss_before / MIB, 0)} MiB before, {fmt(per_stream / 1024, 1)} KiB per stream; "
                      f"target < 400 MB): {verdict(None if math.isnan(hold.rss_ready) else hold.rss_ready < 400e6)}")
-    for name in ("stream-c50", "stream-c500"):
+    for name in ("stream-c50", "stream-burst-c50", "stream-c500"):
         sluice, direct = results.get(name, {}).get("sluice"), results.get(name, {}).get("direct")
         if sluice is None or direct is None:
             continue
@@ -518,7 +539,8 @@ def report(results: dict[str, dict[str, Run]], opts: argparse.Namespace, holdbac
                   else "; LiteLLM: not run (set SLUICE_BENCH_LITELLM)"))
     out.append(f"mock: {opts.delay_ms:g} ms before a whole answer, {opts.chunk_delay_ms:g} ms before each streamed word "
                f"({opts.slow_chunk_delay_ms:g} ms for the open streams); the load is a closed loop, one "
-               f"loadgen process per run, workers ramped over one delay")
+               f"loadgen process per run; workers start over one delay (chat), over {opts.stream_ramp_seconds:g} s "
+               f"(streams) or within one chunk delay (the burst)")
     out.append("+ columns: the target minus direct; +TTFT for Sluice is measured against the direct client's time to "
                "the text the moderation window needs before it releases anything")
     for scenario in SCENARIOS:
@@ -562,6 +584,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--chunk-delay-ms", type=float, default=50.0, help="the mock's wait before each streamed word")
     parser.add_argument("--slow-chunk-delay-ms", type=float, default=1000.0, help="the same, for the open streams")
     parser.add_argument("--hold-ramp-seconds", type=float, default=5.0, help="the open streams start over this long")
+    parser.add_argument("--stream-ramp-seconds", type=float, default=2.0,
+                        help="the streamed scenarios start their workers over this long (the burst: one chunk delay)")
     parser.add_argument("--store", choices=("memory", "sqlite", "redis"), default="sqlite",
                         help="Sluice's quota store (redis: a redis-server on a free loopback port)")
     parser.add_argument("--log-level", choices=("debug", "info", "warning"), default="info",
