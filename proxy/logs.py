@@ -115,4 +115,3 @@ def log_request(fields: Callable[[], dict[str, Any]]) -> None:
         _request_log.info("request", **fields())
     elif _output is None:  # logging not configured (a library user, a test): structlog's defaults
         log.info("request", **fields())
-

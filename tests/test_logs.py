@@ -69,3 +69,16 @@ async def test_upstream_errors_are_warnings_with_the_request_id(gateway, capture
     summary = next(line for line in lines if line["event"] == "request")
     assert warning["level"] == "warning" and warning["kind"] == "http_5xx" and warning["upstream"] == "mock"
     assert warning["request_id"] == summary["request_id"]
+
+
+async def test_no_request_line_below_the_configured_level(gateway):
+    buffer = io.StringIO()
+    configure_logging("warning", "json", stream=buffer)
+    try:
+        api = openai.AsyncOpenAI(base_url=gateway.v1, api_key=ALICE, max_retries=0)
+        await api.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "quiet"}])
+        configure_logging("info", "json", stream=buffer)  # a new configuration takes effect at once
+        await api.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "loud"}])
+    finally:
+        configure_logging("info", "console")
+    assert len(request_lines(buffer)) == 1

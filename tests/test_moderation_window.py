@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from proxy.config import ModerationConfig, RuleConfig
-from proxy.moderation import ModerationEngine, pii
+from proxy.moderation import ModerationEngine, matchers, pii
 from proxy.moderation.matchers import PatternGroup
 from proxy.moderation.normalize import Normalizer
 from proxy.moderation.pii import DETECTORS, pii_matcher
@@ -79,14 +79,20 @@ def test_grouped_detectors_release_the_same_text_at_the_same_time(text: str, siz
 @SETTINGS
 @given(pii_texts, st.lists(st.integers(0, 12), max_size=40), st.booleans())
 def test_skipping_text_without_a_detectors_needs_changes_nothing(text: str, sizes: list[int], merge: bool) -> None:
-    """Every match contains its detector's ``needs``, so skipping text without it loses none."""
+    """Every match contains its detector's ``needs``, so skipping text without it loses none.
+
+    The needs are looked for in every range, however short (in use, only in
+    ranges of ``NEEDS_MIN_CHARS`` or more).
+    """
     searched, skipping = _engine(merge=merge, needs=False).stream("output"), _engine(merge=merge).stream("output")
     position = 0
-    for size in sizes:
-        chunk, position = text[position : position + size], position + size
-        assert searched.feed(chunk) == skipping.feed(chunk)
-        assert searched.held_chars == skipping.held_chars
-    assert searched.finish(text[position:]) == skipping.finish(text[position:])
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(matchers, "NEEDS_MIN_CHARS", 0)
+        for size in sizes:
+            chunk, position = text[position : position + size], position + size
+            assert searched.feed(chunk) == skipping.feed(chunk)
+            assert searched.held_chars == skipping.held_chars
+        assert searched.finish(text[position:]) == skipping.finish(text[position:])
 
 
 def test_a_group_searches_only_the_detectors_whose_needs_are_in_the_text() -> None:
@@ -94,6 +100,7 @@ def test_a_group_searches_only_the_detectors_whose_needs_are_in_the_text() -> No
     entities = sorted(DETECTORS)
 
     def possible(text: str) -> list[str]:
+        text = text.ljust(matchers.NEEDS_MIN_CHARS, ".")
         return [entities[i] for i in group.possible_members(text, 0, len(text))]
 
     assert possible("the quick brown fox, twice over.") == []
@@ -101,7 +108,10 @@ def test_a_group_searches_only_the_detectors_whose_needs_are_in_the_text() -> No
     assert possible("write to bob@x") == ["email"]
     assert possible("use sk-proj") == ["secret"]
     assert possible("bob@x, 3rd, eyj") == entities
-    assert group.possible_members("words, then 3", 0, 11) == ()  # only the given range is read
+    prose = "words, and more words. " * 5 + "3"
+    assert group.possible_members(prose, 0, len(prose) - 1) == ()  # only the given range is read
+    # A range shorter than NEEDS_MIN_CHARS is searched whatever it holds: a search costs less there.
+    assert group.possible_members(prose, 0, matchers.NEEDS_MIN_CHARS - 1) == tuple(range(len(entities)))
 
 
 ASCII_PIECES = ["a", "B", " ", "  ", "\t", "\n", "\r\n", "\x0b", "\x1c", ".", "x y", "\x00", "~"]

@@ -42,6 +42,9 @@ from .normalize import LEET, Normalizer, is_word_char
 
 LEFT_CONTEXT = 16
 RIGHT_CONTEXT = 2
+# Below this many characters (a streamed chunk's worth), one search of the
+# pattern costs less than looking for every ``needs`` string first.
+NEEDS_MIN_CHARS = 64
 
 ViewKind = Literal["plain", "folded", "leet_plain", "leet_folded"]
 # A candidate: view start and end, and which member of the scanner's matcher found it.
@@ -216,7 +219,7 @@ class PatternMatcher:
 
     def may_match(self, text: str, start: int, end: int) -> bool:
         """Whether a match could lie in ``text[start:end]`` (False only if ``needs`` is absent there)."""
-        return self.needs is None or _contains_any(text, self.needs, start, end)
+        return self.needs is None or end - start < NEEDS_MIN_CHARS or _contains_any(text, self.needs, start, end)
 
     def scanner(self) -> PatternScanner:
         return PatternScanner(self)
@@ -311,8 +314,8 @@ class PatternGroup:
         self.tail = _alternatives([m.tail for m in self.members if m.tail is not None])
         self.hold_chars = max(m.hold_chars for m in self.members)
         self.min_hold_chars = min(m.hold_chars for m in self.members)
-        everyone = tuple(range(len(self.members)))
-        self._merged = {everyone: _alternatives([m.pattern for m in self.members])}
+        self._everyone = tuple(range(len(self.members)))
+        self._merged = {self._everyone: _alternatives([m.pattern for m in self.members])}
         # Members sharing one ``needs`` (a digit, say) are asked about it once.
         self._needless = [i for i, m in enumerate(self.members) if m.needs is None]
         self._needs: dict[tuple[str, ...], list[int]] = {}
@@ -322,6 +325,8 @@ class PatternGroup:
 
     def possible_members(self, text: str, start: int, end: int) -> tuple[int, ...]:
         """The members that could match in ``text[start:end]``, in order."""
+        if end - start < NEEDS_MIN_CHARS:
+            return self._everyone
         possible = list(self._needless)
         for needs, members in self._needs.items():
             if _contains_any(text, needs, start, end):

@@ -13,13 +13,15 @@ open-streams scenario), Sluice (``sluice serve``: moderation with all six PII
 rules and a 10,000-term block list, the sqlite store (``--store``), limits set far above
 the load so the limiter runs but never refuses, JSON logs at info to a file),
 and, when ``SLUICE_BENCH_LITELLM`` names a Python with ``litellm[proxy]``,
-LiteLLM's proxy routed to the same mocks. The load comes from
-``tests/bench/loadgen.py``, a separate process per run.
+LiteLLM's proxy routed to the same mocks; also a bare aiohttp pass-through,
+the floor of the HTTP stack. The load comes from ``tests/bench/loadgen.py``,
+a separate process per run. Each target runs alone on one CPU, the load and
+the mocks on the others (``Placement``; ``--no-pin`` to share).
 
-Scenarios run one after another; within one, direct first, then Sluice, then
-LiteLLM, each after a warm-up at the same concurrency. Figures are ratios
-against the direct run of the same scenario, so they compare like with like
-on whatever the machine is doing. Nothing here asserts a time.
+Scenarios run one after another; within one, the targets in turn (the order
+turns each round), each after a warm-up at the same concurrency. Figures are
+set against the direct run of the same scenario, so they compare like with
+like on whatever the machine is doing. Nothing here asserts a time.
 """
 
 from __future__ import annotations
