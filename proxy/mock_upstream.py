@@ -716,9 +716,19 @@ async def recorded_requests(request: web.Request) -> web.Response:
 async def _errors_and_disconnects(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """Render MockError; count clients that left before their answer was complete."""
+    """Render MockError; count clients that left before their answer was complete.
+
+    A whole answer carries ``openai-processing-ms``, the model's own time, as
+    OpenAI's API does: the benchmarks subtract it to see the time spent
+    outside the model (client, network hops, a gateway), without the jitter
+    of the mock's own sleep.
+    """
+    started = time.perf_counter()
     try:
-        return await handler(request)
+        response = await handler(request)
+        if not response.prepared:
+            response.headers["openai-processing-ms"] = f"{(time.perf_counter() - started) * 1000:.3f}"
+        return response
     except MockError as exc:
         return exc.response()
     except asyncio.CancelledError:

@@ -24,6 +24,8 @@ from proxy.server import LISTEN_BACKLOG
 
 ROUTES = web.AppKey("routes", dict)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
+# What a gateway must pass back for the suite to see the model's own time.
+PASSED_HEADERS = ("Content-Type", "openai-processing-ms")
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
@@ -32,7 +34,8 @@ async def chat(request: web.Request) -> web.StreamResponse:
     headers = {"Content-Type": "application/json", "Authorization": "Bearer bare"}
     async with request.app[SESSION].post(upstream, data=body, headers=headers) as answer:
         if "text/event-stream" not in answer.headers.get("Content-Type", ""):
-            return web.Response(body=await answer.read(), status=answer.status, content_type="application/json")
+            headers = {name: answer.headers[name] for name in PASSED_HEADERS if name in answer.headers}
+            return web.Response(body=await answer.read(), status=answer.status, headers=headers)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
         while data := await answer.content.readany():

@@ -12,6 +12,11 @@ against a fixed upstream delay keeps workers that started together in step:
 every wave then reaches the server as one burst, and the latency measures
 queueing (concurrency x CPU per request) rather than the overhead of one request.
 
+Where an answer says how long the model took (``openai-processing-ms``, as
+the mock and OpenAI send it), the latency less that time is reported too
+(``outside_model_ms``): the client, the network and any gateway, without the
+jitter of the model's own wait.
+
 Output: one JSON line on stdout (in hold mode a ``ready`` line before it).
 Exit code 0 even when requests failed: the caller reads ``errors``.
 """
@@ -50,6 +55,7 @@ class Result:
 
     error: str | None = None
     latency: float = 0.0
+    model: float | None = None  # the model's own time, from its openai-processing-ms header
     ttft: float | None = None
     release: float | None = None
     chunks: int = 0
@@ -61,6 +67,7 @@ class Tally:
     errors: int = 0
     error_samples: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    outside_model: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
     releases: list[float] = field(default_factory=list)
     chunks: int = 0
@@ -73,6 +80,8 @@ class Tally:
             return
         self.ok += 1
         self.latencies.append(result.latency)
+        if result.model is not None:
+            self.outside_model.append(result.latency - result.model)
         self.chunks += result.chunks
         if result.ttft is not None:
             self.ttfts.append(result.ttft)
@@ -87,6 +96,8 @@ class Tally:
             "seconds": round(seconds, 4),
             "rps": round(self.ok / seconds, 2) if seconds > 0 else 0.0,
             "latency_ms": summary(self.latencies),
+            # Only when every answer said how long the model took; else it would compare unlike sets.
+            "outside_model_ms": summary(self.outside_model) if len(self.outside_model) == self.ok else None,
             "ttft_ms": summary(self.ttfts) if stream else None,
             "release_ms": summary(self.releases) if stream else None,
             "chunks": self.chunks,
@@ -108,6 +119,22 @@ def summary(values: list[float]) -> dict[str, float] | None:
     return {"p50": rank(50), "p90": rank(90), "p99": rank(99), "max": round(ordered[-1], 3), "mean": mean}
 
 
+# The model's own time: OpenAI's header, as the mock sends it and as gateways pass it on
+# (LiteLLM prefixes the headers of the provider it forwards).
+MODEL_TIME_HEADERS = ("openai-processing-ms", "llm_provider-openai-processing-ms")
+
+
+def model_ms(headers: Any) -> float | None:
+    for name in MODEL_TIME_HEADERS:
+        value = headers.get(name)
+        if value is not None:
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
+
+
 def since(started: float) -> float:
     return (time.perf_counter() - started) * 1000
 
@@ -122,7 +149,7 @@ async def send(session: aiohttp.ClientSession, target: Target, first: asyncio.Fu
             if target.stream:
                 return await read_stream(resp, started, target.release_chars, first)
             await resp.read()
-            return Result(latency=since(started))
+            return Result(latency=since(started), model=model_ms(resp.headers))
     except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
         return Result(error=f"{type(exc).__name__}: {exc}")
 
