@@ -45,51 +45,67 @@ async def _write(response: web.StreamResponse, data: bytes) -> None:
 
 
 class SilenceTimer:
-    """Interrupts a read once the upstream has been silent for ``seconds``, so a keep-alive can go out.
+    """Interrupts a read once the upstream has been silent too long: for a keep-alive, or for good.
+
+    After ``keepalive_seconds`` of silence (and every as many seconds more)
+    ``read`` returns None so that a keep-alive comment can go out; after
+    ``timeout_seconds`` without data it raises ``TimeoutError``.
 
     ``asyncio.timeout`` around every read would create, schedule and cancel a
-    timer per chunk; streams read thousands of chunks per second. This timer
-    is armed once and re-armed only when it fires: by then, if data came in the
-    meantime, it just moves its deadline to ``seconds`` after that data. It
-    cancels the task only while the task waits in ``read`` (never mid-write),
-    and ``read`` tells its own cancellation apart from anyone else's.
+    timer per chunk, and so would aiohttp's own ``sock_read`` timeout, which
+    the relay turns off once a stream has started; streams read thousands of
+    chunks per second. This timer is armed once and re-armed only when it
+    fires: by then, if data came in the meantime, it just moves its deadline.
+    It cancels the task only while the task waits in ``read`` (never
+    mid-write), and ``read`` tells its own cancellation apart from anyone
+    else's.
     """
 
-    def __init__(self, seconds: float):
-        self._seconds = seconds
+    def __init__(self, keepalive_seconds: float, timeout_seconds: float):
+        self._keepalive = keepalive_seconds
+        self._timeout = timeout_seconds
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.current_task()
-        self._last_data = self._loop.time()
+        self._last_data = self._quiet_since = self._loop.time()  # quiet: since data or the last keep-alive
         self._reading = False
-        self._fired = False
-        self._handle = self._loop.call_at(self._last_data + seconds, self._check)
+        self._fired: str | None = None  # "keepalive" or "timeout", while its cancellation is on its way
+        self._handle = self._loop.call_at(self._due(), self._check)
+
+    def _due(self) -> float:
+        return min(self._quiet_since + self._keepalive, self._last_data + self._timeout)
 
     def _check(self) -> None:
         now = self._loop.time()
-        due = self._last_data + self._seconds
-        if now < due:  # data came since the timer was armed
-            self._handle = self._loop.call_at(due, self._check)
-            return
-        if self._reading and self._task is not None:
-            self._fired = True
-            self._task.cancel()
-        # Fired, or busy writing to a slow client: look again a whole period from now.
-        self._handle = self._loop.call_at(now + self._seconds, self._check)
+        if now >= self._due():
+            if not self._reading or self._task is None:
+                # Busy writing to a slow client: the upstream is not being read, so its
+                # silence is not its fault. Both periods start again from now.
+                self._last_data = self._quiet_since = now
+            elif now >= self._last_data + self._timeout:
+                self._fired = "timeout"
+                self._task.cancel()
+                return  # the stream ends here
+            else:
+                self._fired = "keepalive"
+                self._quiet_since = now
+                self._task.cancel()
+        self._handle = self._loop.call_at(self._due(), self._check)
 
     async def read(self, content: aiohttp.StreamReader) -> bytes | None:
-        """The next data, or ``None`` when the upstream was silent for too long."""
+        """The next data, or ``None`` when a keep-alive is due; ``TimeoutError`` past the timeout."""
         self._reading = True
         try:
             data = await content.readany()
         except asyncio.CancelledError:
-            if self._fired and self._task is not None and self._task.uncancel() == 0:
-                self._fired = False
-                self._last_data = self._loop.time()
+            fired, self._fired = self._fired, None
+            if fired and self._task is not None and self._task.uncancel() == 0:
+                if fired == "timeout":
+                    raise TimeoutError() from None
                 return None
             raise
         finally:
             self._reading = False
-        self._last_data = self._loop.time()
+        self._last_data = self._quiet_since = self._loop.time()
         return data
 
     def stop(self) -> None:
@@ -102,6 +118,7 @@ async def relay_stream(
     rewriter: StreamRewriter,
     *,
     keepalive_seconds: float,
+    read_timeout_seconds: float,
     max_event_bytes: int,
 ) -> StreamOutcome:
     """Pump ``upstream`` into ``response`` until [DONE], a block, an error or the client leaves."""
@@ -109,7 +126,11 @@ async def relay_stream(
     decoder = SSEDecoder(max_event_bytes)
     content = upstream.content
     out = b""
-    silence = SilenceTimer(keepalive_seconds)
+    silence = SilenceTimer(keepalive_seconds, read_timeout_seconds)
+    if upstream.connection is not None and upstream.connection.protocol is not None:
+        # The silence timer keeps the read timeout from here on. aiohttp's own would
+        # replace a timer at every chunk; it is set again for the connection's next request.
+        upstream.connection.protocol.read_timeout = None
     try:
         while not rewriter.done:
             data = await silence.read(content)

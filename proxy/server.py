@@ -512,6 +512,7 @@ async def _forward_stream(
             response,
             rewriter,
             keepalive_seconds=server.keepalive_seconds,
+            read_timeout_seconds=upstream.config.read_timeout_seconds,
             max_event_bytes=server.max_event_bytes,
         )
         if outcome.first_text_at is not None:

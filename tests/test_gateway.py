@@ -326,6 +326,30 @@ async def test_keepalive_comment_during_upstream_silence(mock_upstream, start_ga
     assert text == "a b c"
 
 
+async def test_keepalives_go_out_until_the_read_timeout_ends_the_stream(mock_upstream, start_gateway):
+    config = gateway_config(mock_upstream.url)
+    config["server"]["keepalive_seconds"] = 0.1
+    config["upstreams"][0]["read_timeout_seconds"] = 0.45
+    gw = await start_gateway(config)
+    # Chunks 40 ms apart, each its own read, then a stall far past the read timeout: once
+    # a stream runs, only the gateway's own silence timer can notice it (not aiohttp's).
+    body = chat("a b c d e", stream=True, mock={"delay_ms": 40, "stall_after": {"chunks": 3, "ms": 5000}})
+    started = asyncio.get_running_loop().time()
+    status, _, raw = await stream_raw(gw, body)
+    elapsed = asyncio.get_running_loop().time() - started
+    assert status == 200
+    assert 2 <= raw.count(": keep-alive\n\n") <= 6  # keep-alives do not reset the read timeout
+    ending = json.loads(sse_payloads(raw)[-1])
+    assert ending["error"]["code"] == "upstream_timeout"
+    text = "".join(
+        c["choices"][0]["delta"].get("content") or ""
+        for c in map(json.loads, sse_payloads(raw)[:-1])
+        if c.get("choices")
+    )
+    assert text == "a b c "
+    assert elapsed < 3  # the timeout, not the end of the stall
+
+
 async def test_upstream_silent_after_first_byte_ends_with_an_error_event(mock_upstream, start_gateway):
     config = gateway_config(mock_upstream.url)
     config["upstreams"][0]["read_timeout_seconds"] = 0.3
