@@ -560,8 +560,9 @@ def report(results: dict[str, dict[str, Run]], opts: argparse.Namespace, holdbac
                f"loadgen process per run; workers start over one delay (chat), over {opts.stream_ramp_seconds:g} s "
                f"(streams) or within one chunk delay (the burst)")
     out.append("+ columns: the target minus direct (the median of each round's difference); +net: the same, on "
-               "each answer's latency less the model's own time (its openai-processing-ms header); +TTFT for Sluice is measured against the direct client's time to "
-               "the text the moderation window needs before it releases anything")
+               "each answer's latency less the model's own time (its openai-processing-ms header); +TTFT for "
+               "Sluice is measured against the direct client's time to the text the moderation window needs "
+               "before it releases anything")
     for scenario in SCENARIOS:
         runs = results.get(scenario.name)
         if not runs:
