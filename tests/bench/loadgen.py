@@ -55,7 +55,7 @@ class Result:
 
     error: str | None = None
     latency: float = 0.0
-    model: float | None = None  # the model's own time, from its openai-processing-ms header
+    model_ms: float | None = None  # the model's own time, from its openai-processing-ms header
     ttft: float | None = None
     release: float | None = None
     chunks: int = 0
@@ -80,8 +80,8 @@ class Tally:
             return
         self.ok += 1
         self.latencies.append(result.latency)
-        if result.model is not None:
-            self.outside_model.append(result.latency - result.model)
+        if result.model_ms is not None:
+            self.outside_model.append(result.latency - result.model_ms)
         self.chunks += result.chunks
         if result.ttft is not None:
             self.ttfts.append(result.ttft)
@@ -124,7 +124,7 @@ def summary(values: list[float]) -> dict[str, float] | None:
 MODEL_TIME_HEADERS = ("openai-processing-ms", "llm_provider-openai-processing-ms")
 
 
-def model_ms(headers: Any) -> float | None:
+def model_time_ms(headers: Any) -> float | None:
     for name in MODEL_TIME_HEADERS:
         value = headers.get(name)
         if value is not None:
@@ -149,7 +149,7 @@ async def send(session: aiohttp.ClientSession, target: Target, first: asyncio.Fu
             if target.stream:
                 return await read_stream(resp, started, target.release_chars, first)
             await resp.read()
-            return Result(latency=since(started), model=model_ms(resp.headers))
+            return Result(latency=since(started), model_ms=model_time_ms(resp.headers))
     except (aiohttp.ClientError, TimeoutError, ValueError, OSError) as exc:
         return Result(error=f"{type(exc).__name__}: {exc}")
 
