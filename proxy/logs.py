@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TextIO
 
@@ -61,14 +63,42 @@ class LineBatcher:
 
 
 _output: LineBatcher | None = None
-# The logger of the per-request line, bound when logging is configured (None when
-# info lines are dropped): structlog's module-level proxy builds a new bound
-# logger for every line, which costs as much as rendering a small one.
-_request_log: Any = None
+# How the per-request line is written, chosen when logging is configured (None when
+# info lines are dropped).
+_request_line: Callable[[dict[str, Any], str], None] | None = None
+
+
+def _utc_iso(now: float) -> str:
+    """``2026-12-03T05:14:00.123456Z``: structlog's ISO UTC timestamp, so every line reads alike."""
+    micros = int(now % 1 * 1_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{micros:06d}Z"
+
+
+def _json_request_line(output: LineBatcher) -> Callable[[dict[str, Any], str], None]:
+    """The request line rendered here rather than by structlog's processors.
+
+    A busy gateway writes one such line per request, and structlog's chain
+    (copying the context variables, stamping, rendering through its processor
+    calls) cost four times what building the same JSON object directly does.
+    The line has the same fields in the same order as a structlog line.
+    """
+
+    def write(fields: dict[str, Any], request_id: str) -> None:
+        fields["event"] = "request"
+        fields["request_id"] = request_id
+        fields["level"] = "info"
+        fields["timestamp"] = _utc_iso(time.time())
+        output.msg(json.dumps(fields))
+
+    return write
+
+
+def _structlog_request_line(fields: dict[str, Any], request_id: str) -> None:
+    log.info("request", **fields)  # the request id comes from the context variables
 
 
 def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
-    global _output, _request_log
+    global _output, _request_line
     if _output is not None:
         _output.flush()  # lines of the old configuration go where they were meant to
     _output = output = LineBatcher(stream or sys.stdout)
@@ -89,7 +119,10 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
         logger_factory=lambda *_: output,
         cache_logger_on_first_use=False,
     )
-    _request_log = log.bind() if _LEVELS[level] <= logging.INFO else None
+    if _LEVELS[level] > logging.INFO:
+        _request_line = None
+    else:
+        _request_line = _json_request_line(output) if fmt == "json" else _structlog_request_line
     # aiohttp and asyncio log through the standard library; keep their warnings, in the same stream.
     logging.basicConfig(level=logging.WARNING, stream=stream or sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.server").addFilter(_no_traceback_for_bad_requests)
@@ -109,9 +142,9 @@ def _no_traceback_for_bad_requests(record: logging.LogRecord) -> bool:
 log = structlog.get_logger("sluice")
 
 
-def log_request(fields: Callable[[], dict[str, Any]]) -> None:
+def log_request(fields: Callable[[], dict[str, Any]], request_id: str) -> None:
     """Log the line a request ends with; ``fields`` is only called if the line is kept."""
-    if _request_log is not None:
-        _request_log.info("request", **fields())
+    if _request_line is not None:
+        _request_line(fields(), request_id)
     elif _output is None:  # logging not configured (a library user, a test): structlog's defaults
         log.info("request", **fields())

@@ -79,6 +79,9 @@ class Metrics:
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
+    def circuit_state(self, upstream: str, is_open: bool) -> None:
+        self._child(self.circuit_open, upstream).set(1 if is_open else 0)
+
     def observe(self, record: RequestRecord) -> None:
         """Count a finished request. Unrouted requests get an empty model label, so a
         client cannot grow the label set by inventing model names."""

@@ -373,7 +373,7 @@ def _record_request(gateway: Gateway, record: RequestRecord) -> None:
     gateway.metrics.observe(record)
     if record.upstream_error:
         log.warning("upstream error", upstream=record.upstream, kind=record.upstream_error, status=record.status)
-    log_request(record.fields)
+    log_request(record.fields, record.request_id)
 
 
 async def _open_upstream(
@@ -399,7 +399,7 @@ async def _open_upstream(
         )
     finally:
         for candidate in candidates:
-            metrics.circuit_open.labels(candidate.name).set(1 if candidate.breaker.is_open else 0)
+            metrics.circuit_state(candidate.name, candidate.breaker.is_open)
     record.upstream = upstream.name
     return upstream, resp
 

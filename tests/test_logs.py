@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 
 import openai
 import pytest
@@ -69,6 +70,25 @@ async def test_upstream_errors_are_warnings_with_the_request_id(gateway, capture
     summary = next(line for line in lines if line["event"] == "request")
     assert warning["level"] == "warning" and warning["kind"] == "http_5xx" and warning["upstream"] == "mock"
     assert warning["request_id"] == summary["request_id"]
+    # The request line is rendered by the gateway, the warning by structlog: they must read alike.
+    stamp = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{6})?Z$")
+    assert stamp.match(summary["timestamp"]) and stamp.match(warning["timestamp"])
+    assert summary["timestamp"] >= warning["timestamp"]  # the request line is its last
+    assert list(summary)[-4:] == list(warning)[-4:] == ["event", "request_id", "level", "timestamp"]
+
+
+async def test_the_console_format_has_the_request_line_too(gateway):
+    buffer = io.StringIO()
+    configure_logging("info", "console", stream=buffer)
+    try:
+        api = openai.AsyncOpenAI(base_url=gateway.v1, api_key=ALICE, max_retries=0)
+        reply = await api.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "plain text please"}]
+        )
+    finally:
+        configure_logging("info", "console")
+    line = next(line for line in buffer.getvalue().splitlines() if " request " in line)
+    assert "status=200" in line and f"request_id={reply.headers['x-request-id']}" in line
 
 
 async def test_no_request_line_below_the_configured_level(gateway):
