@@ -183,8 +183,9 @@ def stop_process(proc: subprocess.Popen[bytes] | None) -> None:
 
 
 async def wait_healthy(session: aiohttp.ClientSession, url: str, proc: subprocess.Popen[bytes], name: str,
-                       stderr_path: Path, headers: dict[str, str] | None = None) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
+                       stderr_path: Path, headers: dict[str, str] | None = None,
+                       deadline_seconds: float = STARTUP_SECONDS) -> None:
+    deadline = time.monotonic() + deadline_seconds
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited with {proc.returncode}:\n{stderr_path.read_text(errors='replace')[-3000:]}")
@@ -196,4 +197,4 @@ async def wait_healthy(session: aiohttp.ClientSession, url: str, proc: subproces
         except (TimeoutError, aiohttp.ClientError):
             pass
         await asyncio.sleep(0.1)
-    raise RuntimeError(f"{name} did not answer {url} within {STARTUP_SECONDS:.0f} s")
+    raise RuntimeError(f"{name} did not answer {url} within {deadline_seconds:.0f} s")
