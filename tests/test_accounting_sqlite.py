@@ -13,6 +13,7 @@ import textwrap
 import pytest
 
 from proxy.accounting import LedgerEntry, Reservation, StoreUnavailable, Subject
+from proxy.accounting import sqlite_store
 from proxy.accounting.sqlite_store import SqliteStore
 from proxy.config import LimitsConfig
 
@@ -174,3 +175,35 @@ async def test_saved_totals_of_ended_windows_are_pruned(tmp_path):
         "team:research:tokens_per_day:20250224",
         "team:research:tokens_per_month:202502",
     ]
+
+
+async def test_a_settle_whose_write_failed_is_written_by_its_retry(tmp_path, monkeypatch):
+    # Another process holding the file's write lock past the busy timeout: the write fails,
+    # while the counters in memory were already settled. The retry must still write it.
+    monkeypatch.setattr(sqlite_store, "_BUSY_TIMEOUT_MS", 50)
+    path = str(tmp_path / "sluice.db")
+    store = await SqliteStore.open(path)
+    try:
+        reservation = await store.reserve(subjects(), 10, 20, T0)
+        assert isinstance(reservation, Reservation)
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(StoreUnavailable):
+            await store.settle(reservation, 10, 5, T0, entry(10, 5))
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+        for _ in range(2):  # the retry writes it; a second settle writes nothing more
+            await store.settle(reservation, 10, 5, T0, entry(10, 5))
+            day = (await store.usage(now=T0)).teams["research"].day
+            assert (day.requests, day.prompt_tokens, day.completion_tokens) == (1, 10, 5)
+    finally:
+        await store.close()
+    reopened = await SqliteStore.open(path)  # and it is what the file says after a restart
+    try:
+        assert (await reopened.usage(now=T0)).teams["research"].day.requests == 1
+        again = await reopened.reserve(subjects(), 10, 20, T0)
+        assert isinstance(again, Reservation) and again.tokens is not None
+        assert again.tokens.remaining == 1000 - 15 - 30  # the day budget kept the 15 tokens used
+    finally:
+        await reopened.close()

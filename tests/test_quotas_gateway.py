@@ -171,3 +171,31 @@ async def test_a_settle_the_store_refused_is_retried_once_it_is_back(mock_upstre
     report = (await quotas.store.usage(now=time.time())).to_dict("day")
     assert report["keys"]["alice"]["requests"] == 1
     assert report["keys"]["alice"]["completion_tokens"] == count_text("gpt-4o-mini", "settled later")
+
+
+async def test_a_settle_the_sqlite_file_refused_is_written_once_it_is_free(mock_upstream, start_gateway, tmp_path, monkeypatch):
+    import sqlite3
+
+    from proxy.accounting import sqlite_store
+
+    monkeypatch.setattr(sqlite_store, "_BUSY_TIMEOUT_MS", 50)  # fail fast while another process holds the file
+    path = str(tmp_path / "sluice.db")
+    gw = await start_gateway(limited(mock_upstream.url, team_limits={"tokens_per_day": 10_000}, store="sqlite", sqlite_path=path))
+    quotas = gw.server.gateway.quotas
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        await client(gw).chat.completions.create(**chat("written later"))
+        await quotas.drain()
+        assert quotas.pending_settles == 1
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    for _ in range(50):
+        if quotas.pending_settles == 0:
+            break
+        await asyncio.sleep(0.1)
+    assert quotas.pending_settles == 0
+    report = (await quotas.store.usage(now=time.time())).to_dict("day")
+    assert report["keys"]["alice"]["requests"] == 1
+    assert report["keys"]["alice"]["completion_tokens"] == count_text("gpt-4o-mini", "written later")

@@ -67,6 +67,10 @@ _MAX_BATCH = 512
 # and the gateway settles in the background, after the client has its answer.
 DEFAULT_COMMIT_DELAY_SECONDS = 0.01
 _PRUNE_EVERY_SECONDS = 3600.0
+# How long a write waits for another process's lock on the file before it fails.
+_BUSY_TIMEOUT_MS = 5000
+# Settles whose write failed, kept for their retry; beyond this many the oldest is dropped.
+_MAX_UNWRITTEN = 100_000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (
@@ -118,10 +122,10 @@ def _connect(path: str, read_only: bool) -> sqlite3.Connection:
     """Autocommit mode (transactions are explicit); wait rather than fail when the other side holds a lock."""
     if read_only:
         conn = sqlite3.connect(f"file:{quote(path)}?mode=ro", uri=True, isolation_level=None)
-        conn.execute("PRAGMA busy_timeout=5000")
+        conn.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
         return conn
     conn = sqlite3.connect(path, isolation_level=None)
-    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", "busy_timeout=5000"):
+    for pragma in ("journal_mode=WAL", "synchronous=NORMAL", f"busy_timeout={_BUSY_TIMEOUT_MS}"):
         conn.execute(f"PRAGMA {pragma}")
     conn.executescript(_SCHEMA)
     try:  # SQLite opens an unwritable file read-only without a word: find out now
@@ -358,6 +362,9 @@ class SqliteStore(QuotaStore):
         self._quota = quota
         self._lock_fd = lock_fd
         self._next_prune = 0.0
+        # Reservation id -> the write of a settle that failed: the counters in memory
+        # were settled at once, so a retry of that settle must still write it.
+        self._unwritten: dict[str, _Write] = {}
 
     @classmethod
     async def open(
@@ -417,12 +424,20 @@ class SqliteStore(QuotaStore):
         entry: LedgerEntry | None = None,
     ) -> None:
         used = prompt_tokens + completion_tokens
-        settled = [(c.counter, used, c.expires) for c in reservation.charges if c.period != MINUTE]
-        # Built first: a malformed entry fails here, before any counter has changed.
-        write = _write_of(settled, entry, self._prune_before(now))
-        if not self._live().settle(reservation, used):
-            return
-        await self._worker.submit(write)
+        write = self._unwritten.pop(reservation.id, None)  # a retry of a settle whose write failed
+        if write is None:
+            settled = [(c.counter, used, c.expires) for c in reservation.charges if c.period != MINUTE]
+            # Built first: a malformed entry fails here, before any counter has changed.
+            write = _write_of(settled, entry, self._prune_before(now))
+            if not self._live().settle(reservation, used):
+                return
+        try:
+            await self._worker.submit(write)
+        except StoreUnavailable:
+            if len(self._unwritten) >= _MAX_UNWRITTEN:
+                del self._unwritten[next(iter(self._unwritten))]
+            self._unwritten[reservation.id] = write
+            raise
 
     async def record(self, entry: LedgerEntry) -> None:
         self._live()  # refuses on a read-only store

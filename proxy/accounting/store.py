@@ -52,7 +52,9 @@ class QuotaStore(abc.ABC):
 
         Corrects the windows the reservation was charged to, even if time has
         moved on to new ones. A repeated settle of the same reservation does
-        nothing. ``entry``, if given, is recorded in the same step, so the
+        nothing, except finish what a settle that raised ``StoreUnavailable``
+        left undone: the caller retries such a settle, and the retry must
+        land. ``entry``, if given, is recorded in the same step, so the
         ledger and the counters never disagree about a finished request.
         """
 
