@@ -110,8 +110,10 @@ def test_a_group_searches_only_the_detectors_whose_needs_are_in_the_text() -> No
     assert possible("bob@x, 3rd, eyj") == entities
     prose = "words, and more words. " * 5 + "3"
     assert group.possible_members(prose, 0, len(prose) - 1) == ()  # only the given range is read
-    # A range shorter than NEEDS_MIN_CHARS is searched whatever it holds: a search costs less there.
-    assert group.possible_members(prose, 0, matchers.NEEDS_MIN_CHARS - 1) == tuple(range(len(entities)))
+    # Prose without any need is skipped however short; a short range with one is searched by every
+    # member: narrowing them down one need at a time costs more there than the search.
+    assert group.possible_members(prose, 0, matchers.NEEDS_MIN_CHARS - 1) == ()
+    assert group.possible_members("at 3", 0, 4) == tuple(range(len(entities)))
 
 
 ASCII_PIECES = ["a", "B", " ", "  ", "\t", "\n", "\r\n", "\x0b", "\x1c", ".", "x y", "\x00", "~"]
