@@ -79,8 +79,9 @@ def _json_request_line(output: LineBatcher) -> Callable[[dict[str, Any], str], N
 
     A busy gateway writes one such line per request, and structlog's chain
     (copying the context variables, stamping, rendering through its processor
-    calls) cost four times what building the same JSON object directly does.
-    The line has the same fields in the same order as a structlog line.
+    calls) made a line cost nearly twice what building the same JSON object
+    directly does. The line has the same fields in the same order as a
+    structlog line.
     """
 
     def write(fields: dict[str, Any], request_id: str) -> None:

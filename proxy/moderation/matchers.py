@@ -217,12 +217,12 @@ class PatternMatcher:
         self.tail = tail
         self.validate = validate
         self.needs = needs
-        self.needs_search = None if needs is None else literal_search(needs)
+        self._needs_search = None if needs is None else _literal_search(needs)
         self.hold_chars = max_len + RIGHT_CONTEXT - 1
 
     def may_match(self, text: str, start: int, end: int) -> bool:
         """Whether a match could lie in ``text[start:end]`` (False only if ``needs`` is absent there)."""
-        return self.needs_search is None or self.needs_search.search(text, start, end) is not None
+        return self._needs_search is None or self._needs_search.search(text, start, end) is not None
 
     def scanner(self) -> PatternScanner:
         return PatternScanner(self)
@@ -325,10 +325,10 @@ class PatternGroup:
         for i, m in enumerate(self.members):
             if m.needs is not None:
                 by_needs.setdefault(m.needs, []).append(i)
-        self._needs = [(literal_search(needs), members) for needs, members in by_needs.items()]
+        self._needs = [(_literal_search(needs), members) for needs, members in by_needs.items()]
         # When every member needs something, one search says whether any of them can match.
         every_need = [needle for m in self.members for needle in m.needs or ()]
-        self._any_need = None if self._needless else literal_search(every_need)
+        self._any_need = None if self._needless else _literal_search(every_need)
 
     def possible_members(self, text: str, start: int, end: int) -> tuple[int, ...]:
         """The members that could match in ``text[start:end]``, in order."""
@@ -374,7 +374,7 @@ class PatternGroup:
         return PatternGroupScanner(self)
 
 
-def literal_search(needles: Iterable[str]) -> re.Pattern[str]:
+def _literal_search(needles: Iterable[str]) -> re.Pattern[str]:
     """A pattern that finds any of ``needles`` (none of them: it finds nothing)."""
     alternatives = sorted({re.escape(needle) for needle in needles}, key=lambda n: (-len(n), n))
     return re.compile("|".join(alternatives) if alternatives else "(?!)")
