@@ -9,14 +9,16 @@ decode to the same events.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 _BOM = b"\xef\xbb\xbf"
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """One dispatched event. ``data`` joins multi-line ``data:`` fields with ``\\n``."""
+class Event(NamedTuple):
+    """One dispatched event. ``data`` joins multi-line ``data:`` fields with ``\\n``.
+
+    A tuple, not a frozen dataclass: one is built per streamed chunk.
+    """
 
     data: str
     event: str | None = None

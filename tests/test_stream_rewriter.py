@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from proxy.config import ModerationConfig
 from proxy.moderation import ModerationEngine
 from proxy.sse import SSEDecoder
-from proxy.stream_rewriter import StreamRewriter
+from proxy.stream_rewriter import StreamRewriter, _json_string
 
 ENGINE = ModerationEngine.from_config(
     ModerationConfig(
@@ -131,3 +131,8 @@ def test_with_two_choices_a_changed_chunk_is_encoded_again():
         out = rewriter.event(json.dumps({"id": "c1", "choices": [choice, {**choice, "index": 1}]})).decode()
     chunk = json.loads(out[len("data: "):])
     assert [c["delta"]["content"] for c in chunk["choices"]] == ["[REDACTED:cat] ", "[REDACTED:cat] "]
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from('"\\\x7f\x1f\u2028'), max_size=12))
+def test_the_quick_json_spelling_of_a_text_is_json_dumps_own(text: str) -> None:
+    assert _json_string(text) == json.dumps(text, ensure_ascii=False)
