@@ -89,9 +89,15 @@ class MockState:
         self._answers += 1
         return self._answers
 
-    def record_request(self, request: web.Request, body: Any) -> None:
+    def record_request(self, request: web.Request, body: Any, raw: bytes = b"") -> None:
         self.requests.append(
-            {"method": request.method, "path": request.path, "headers": dict(request.headers), "body": body}
+            {
+                "method": request.method,
+                "path": request.path,
+                "headers": dict(request.headers),
+                "body": body,
+                "raw": raw.decode("utf-8", "backslashreplace"),  # the bytes as sent, for tests of the encoding
+            }
         )
         if len(self.requests) > MAX_RECORDED_REQUESTS:
             del self.requests[0]
@@ -244,9 +250,9 @@ async def _read_json(request: web.Request) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except ValueError:
-        state.record_request(request, None)
+        state.record_request(request, None, raw)
         raise MockError(400, "We could not parse the JSON body of your request.", code="invalid_json") from None
-    state.record_request(request, body)
+    state.record_request(request, body, raw)
     if not isinstance(body, dict):
         raise MockError(400, "The request body must be a JSON object.", code="invalid_json")
     return body

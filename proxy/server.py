@@ -270,27 +270,50 @@ def _requested_max_tokens(parsed: ParsedRequest, default: int) -> int:
     return per_choice * parsed.n
 
 
-def _cap_answer(parsed: ParsedRequest, reservation: Reservation) -> None:
-    """Send upstream the answer length the budgets allow, so no answer can overspend."""
+def _answer_cap(parsed: ParsedRequest, reservation: Reservation) -> dict[str, Any]:
+    """The answer length the budgets allow, as the field to set upstream, so no answer can overspend."""
     payload = parsed.payload
     per_choice = max(1, reservation.max_tokens // parsed.n)
     if "max_completion_tokens" in payload or (
         "max_tokens" not in payload and parsed.endpoint == CHAT and _COMPLETION_TOKENS_ONLY.match(parsed.model)
     ):
-        payload["max_completion_tokens"] = per_choice
-        payload.pop("max_tokens", None)
-    else:
-        payload["max_tokens"] = per_choice
+        return {"max_completion_tokens": per_choice}
+    return {"max_tokens": per_choice}
 
 
-def _upstream_body(parsed: ParsedRequest, body: bytes, rewritten: bool) -> bytes:
+def _upstream_body(parsed: ParsedRequest, body: bytes, prompt_changed: bool, fields: dict[str, Any]) -> bytes:
+    """What goes upstream: the client's bytes, with the gateway's ``fields`` set and the prompt as moderation left it.
+
+    ``parsed.payload`` is updated to match. When the fields are all new to the
+    body and the prompt is unchanged, they are written in front of the
+    client's own bytes instead of re-encoding the whole payload: a large
+    prompt is not encoded again on the event loop, and the client's numbers
+    and escapes reach the provider exactly as sent.
+    """
     payload = parsed.payload
     if parsed.stream and not parsed.client_wants_usage:
         # Ask for usage so tokens are counted by the provider; the chunk is hidden from the client.
-        options = payload.get("stream_options") or {}
-        payload["stream_options"] = {**options, "include_usage": True}
-        rewritten = True
-    return json.dumps(payload).encode() if rewritten else body
+        fields["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+    if not prompt_changed and not fields:
+        return body
+    spliced = None if prompt_changed or not fields.keys().isdisjoint(payload) else with_leading_members(body, fields)
+    payload.update(fields)
+    if "max_completion_tokens" in fields:
+        payload.pop("max_tokens", None)  # the reasoning models refuse both
+    return spliced if spliced is not None else json.dumps(payload).encode()
+
+
+def with_leading_members(body: bytes, members: dict[str, Any]) -> bytes | None:
+    """``body``, a JSON object without any of ``members``' names, with them added at its start.
+
+    None when the bytes are not UTF-8 (``json.loads`` also reads UTF-16 and
+    UTF-32, and a UTF-8 BOM) or do not start with ``{``.
+    """
+    start = len(body) - len(body.lstrip(b" \t\r\n"))
+    if body[start : start + 1] != b"{" or json.detect_encoding(body) != "utf-8":
+        return None
+    added = json.dumps(members).encode()  # the default spelling: its encoder is built once, not per call
+    return body[: start + 1] + added[1:-1] + b"," + body[start + 1 :]
 
 
 async def _off_loop_if_large(body_size: int, work: Callable[..., T], *args: Any) -> T:
@@ -330,13 +353,13 @@ def proxy_handler(endpoint: str) -> Any:
             reservation = await gateway.quotas.reserve(caller, record.prompt_tokens, requested)
             admitted = True
             extra_headers = reservation.headers() if reservation is not None else {}
-            rewritten = runtime.moderates("input") and await _off_loop_if_large(
+            prompt_changed = runtime.moderates("input") and await _off_loop_if_large(
                 len(body), _moderate_input, runtime, parsed, record
             )
+            fields: dict[str, Any] = {}
             if reservation is not None and endpoint != EMBEDDINGS and limits_tokens(caller):
-                _cap_answer(parsed, reservation)
-                rewritten = True
-            upstream_body = _upstream_body(parsed, body, rewritten)
+                fields = _answer_cap(parsed, reservation)
+            upstream_body = _upstream_body(parsed, body, prompt_changed, fields)
             if parsed.stream:
                 response = await _forward_stream(request, runtime, candidates, parsed, upstream_body, record, extra_headers)
             else:

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
 import openai
 import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
 
 from conftest import ALICE, gateway_config
+from proxy.server import with_leading_members
 from proxy.tokens import count_chat_prompt, count_text
 
 
@@ -197,3 +201,61 @@ async def test_a_settle_the_sqlite_file_refused_is_written_once_it_is_free(mock_
         blocker.execute("ROLLBACK")
         blocker.close()
     await assert_settled_once_back(quotas, "written later", within_seconds=5)
+
+
+# -- the cap goes upstream in the client's own bytes ---------------------------
+
+# Spacing, a raw "é" and a decimal Python would shorten: re-encoding the payload would change each.
+CLIENT_BYTES = '{ "model" : "gpt-4o-mini",\n  "messages": [{"role": "user", "content": "café"}], "top_p": 0.10000000000000001 }'
+
+
+async def post_raw(gw, body: bytes) -> int:
+    headers = {"Authorization": f"Bearer {ALICE}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.v1 + "/chat/completions", data=body, headers=headers) as resp:
+            await resp.read()
+            return resp.status
+
+
+async def test_the_cap_is_written_in_front_of_the_clients_own_bytes(mock_upstream, start_gateway):
+    gw = await start_gateway(limited(mock_upstream.url, team_limits={"tokens_per_day": 1000}))
+    assert await post_raw(gw, CLIENT_BYTES.encode()) == 200
+    sent = mock_upstream.state.requests[-1]
+    assert sent["raw"] == '{"max_tokens": %d,' % sent["body"]["max_tokens"] + CLIENT_BYTES[1:]
+
+    streamed = CLIENT_BYTES.replace('"model"', '"stream": true, "model"')
+    assert await post_raw(gw, streamed.encode()) == 200
+    sent = mock_upstream.state.requests[-1]
+    cap = sent["body"]["max_tokens"]
+    assert sent["raw"] == '{"max_tokens": %d, "stream_options": {"include_usage": true},' % cap + streamed[1:]
+
+
+async def test_a_cap_on_a_field_the_client_sent_replaces_it(mock_upstream, start_gateway):
+    gw = await start_gateway(limited(mock_upstream.url, team_limits={"tokens_per_day": 1000}))
+    assert await post_raw(gw, CLIENT_BYTES.replace('"model"', '"max_tokens": 5000, "model"').encode()) == 200
+    sent = mock_upstream.state.requests[-1]
+    assert sent["body"]["max_tokens"] < 1000 and sent["raw"].count('"max_tokens"') == 1
+    assert sent["body"]["messages"][0]["content"] == "café"
+
+
+json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text()
+json_values = st.recursive(
+    json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3), max_leaves=6
+)
+
+
+@given(
+    document=st.dictionaries(st.text(max_size=8), json_values, min_size=1, max_size=4),
+    members=st.dictionaries(st.text(max_size=8), json_values, min_size=1, max_size=3),
+    indent=st.none() | st.integers(0, 2),
+    ensure_ascii=st.booleans(),
+    leading=st.sampled_from(["", " ", "\n\t \r"]),
+)
+def test_leading_members_join_any_spelling_of_the_object(document, members, indent, ensure_ascii, leading):
+    members = {name: value for name, value in members.items() if name not in document}
+    assume(members)
+    body = (leading + json.dumps(document, indent=indent, ensure_ascii=ensure_ascii)).encode("utf-8", "surrogatepass")
+    assert json.loads(with_leading_members(body, members)) == {**document, **members}
+    # Bytes the splice cannot read are left to a full re-encoding.
+    assert with_leading_members(body.decode("utf-8", "surrogatepass").encode("utf-16", "surrogatepass"), members) is None
+    assert with_leading_members(b"\xef\xbb\xbf" + body, members) is None
