@@ -293,7 +293,7 @@ def _upstream_body(parsed: ParsedRequest, body: bytes, prompt_changed: bool, fie
     payload = parsed.payload
     if parsed.stream and not parsed.client_wants_usage:
         # Ask for usage so tokens are counted by the provider; the chunk is hidden from the client.
-        fields["stream_options"] = {**(payload.get("stream_options") or {}), "include_usage": True}
+        fields = {**fields, "stream_options": {**(payload.get("stream_options") or {}), "include_usage": True}}
     if not prompt_changed and not fields:
         return body
     spliced = None if prompt_changed or not fields.keys().isdisjoint(payload) else with_leading_members(body, fields)
