@@ -7,6 +7,11 @@ tool call's arguments in a window of its own, captures the upstream's usage
 counting when no usage comes, and turns a block into the
 ``finish_reason: "content_filter"`` ending. A chunk that needs no change is
 forwarded as the very bytes that arrived: no re-encoding on the fast path.
+
+Nor, mostly, any parsing: after a stream's first plain text chunk, the next
+ones are usually that chunk again with another word in it. ``_TextSlot``
+remembers where the word sits, and a chunk that matches it around the word
+is handled from its text alone.
 """
 
 from __future__ import annotations
@@ -52,6 +57,47 @@ class _Choice:
         self.finished = False
 
 
+class _TextSlot:
+    """A chunk already parsed, as the JSON around its one choice's text: ``prefix``, then the
+    text as a JSON string, then ``suffix``.
+
+    Any chunk spelt ``prefix`` + another JSON string + ``suffix`` parses to that chunk with
+    the other text (a JSON string is one token: swapping it leaves the rest of the parse as
+    it was), so it can be moderated and rewritten without ``json.loads``. Only a chunk the
+    general path would have handled as plain text, with nothing else to do, becomes a slot.
+    """
+
+    __slots__ = ("keep_when_held", "prefix", "state", "suffix")
+
+    def __init__(self, prefix: str, suffix: str, state: _Choice, keep_when_held: bool):
+        self.prefix = prefix
+        self.suffix = suffix
+        self.state = state
+        self.keep_when_held = keep_when_held  # the chunk has more than its text (a role): sent even if the window holds it all
+
+    def text_of(self, data: str) -> str | None:
+        """The text of ``data`` if it is this slot's chunk with a text that needs no unescaping, else None."""
+        prefix, suffix = self.prefix, self.suffix
+        if not (data.startswith(prefix) and data.endswith(suffix)):
+            return None
+        literal = data[len(prefix) : len(data) - len(suffix)]
+        text = literal[1:-1]
+        # No quote or backslash inside and nothing JSON forbids raw (isprintable is False for
+        # control characters): the literal is one JSON string, and its text is what it spells.
+        if len(literal) < 3 or literal[0] != '"' or literal[-1] != '"' or '"' in text or "\\" in text:
+            return None
+        return text if text.isprintable() else None
+
+    def chunk_with(self, text: str) -> bytes:
+        return _with_json_string(self.prefix, text, self.suffix)
+
+
+# How many times a stream may look for a slot: a provider whose chunks differ by more
+# than the text (a per-chunk nonce, several choices taking turns) gets the general path
+# after that, without paying for the search at every chunk.
+_SLOT_SEARCHES = 4
+
+
 class StreamRewriter:
     """The pure core of streaming: upstream event data in, client bytes out.
 
@@ -73,6 +119,9 @@ class StreamRewriter:
         self.blocked: Action | None = None
         self.done = False  # [DONE] seen, or ended by a block
         self.delivered_text = False  # some answer text has gone to the client
+        self._slot: _TextSlot | None = None
+        self._slot_searches = _SLOT_SEARCHES
+        self._plain_text: str | None = None  # the text of the chunk at hand, if it may become a slot
 
     # -- events -------------------------------------------------------------
 
@@ -82,6 +131,10 @@ class StreamRewriter:
             return b""
         if data == "[DONE]":
             return self.finish()
+        if self._slot is not None:
+            text = self._slot.text_of(data)
+            if text is not None and not self._slot.state.finished:
+                return self._event_in_slot(data, text)
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -107,6 +160,7 @@ class StreamRewriter:
                 changed = self._reshaped = True
 
         choices = chunk.get("choices")
+        self._plain_text = None
         if isinstance(choices, list):
             kept = []
             for choice in choices:
@@ -136,8 +190,68 @@ class StreamRewriter:
                 out = encode_data(data.encode())
             if self.blocked is not None:
                 out += self._end_after_block()
+            elif self._plain_text is not None and len(choices) == 1 and usage is None and self._slot_searches:
+                self._find_slot(data, choices[0])
             return out
         return encode_data(_dumps(chunk) if changed else data.encode())
+
+    def _event_in_slot(self, data: str, text: str) -> bytes:
+        """What ``event`` does with a chunk of the slot's shape, from its text alone."""
+        slot = self._slot
+        assert slot is not None
+        state = slot.state
+        state.seen.append(text)
+        window = state.content_window
+        released = text if window is None else self._feed(window, text)
+        if released:
+            self.delivered_text = True
+        if self.blocked is not None:
+            # Rare enough to take the long way: the chunk parsed, then as ``_choice`` ends a block.
+            chunk = json.loads(data)
+            choice = chunk["choices"][0]
+            (choice["delta"] if self._chat else choice)[self._text_key] = released
+            self._end_blocked_choice(choice, state)
+            return encode_data(_dumps(chunk)) + self._end_after_block()
+        if released == text:
+            return encode_data(data.encode())
+        if not released and not slot.keep_when_held:
+            return b""
+        return encode_data(slot.chunk_with(released))
+
+    def _find_slot(self, data: str, choice: Any) -> None:
+        """Remember where this chunk's text sits, if the chunk is plain text and the place is certain."""
+        holder = choice.get("delta") if self._chat else choice
+        state = self._choices.get(choice.get("index", 0))
+        text = self._plain_text
+        if state is None or state.finished or not isinstance(holder, dict) or text is None:
+            return
+        self._slot_searches -= 1
+        literal = _json_string(text)
+        for separator in (":", ": "):
+            needle = f'"{self._text_key}"{separator}{literal}'
+            at = data.find(needle)
+            while at != -1:
+                start = at + len(needle) - len(literal)
+                prefix, suffix = data[:start], data[start + len(literal) :]
+                if self._is_text_slot(prefix, suffix):
+                    others = {name: value for name, value in holder.items() if name != self._text_key}
+                    keep = "role" in holder or _has_visible_payload(others, self._chat)
+                    self._slot = _TextSlot(prefix, suffix, state, keep)
+                    return
+                at = data.find(needle, at + 1)
+
+    def _is_text_slot(self, prefix: str, suffix: str) -> bool:
+        """Whether the JSON string between ``prefix`` and ``suffix`` is the text field of the one choice.
+
+        Proved by parsing the chunk once with a text no chunk can have there (a NUL: a slot's text is printable).
+        """
+        try:
+            probe = json.loads(prefix + '"\\u0000"' + suffix)
+            choice = probe["choices"][0]
+            holder = choice["delta"] if self._chat else choice
+            return holder[self._text_key] == "\0"
+        except (ValueError, LookupError, TypeError):
+            return False
 
     def finish(self) -> bytes:
         """The upstream said [DONE]: flush every window, then [DONE]."""
@@ -178,6 +292,9 @@ class StreamRewriter:
         if isinstance(holder, dict):
             text = holder.get(self._text_key)
             if isinstance(text, str) and text:
+                if state.finished and self._engine is not None:
+                    # Its window is closed: moderated alone, this text could complete a match unseen.
+                    raise UpstreamStreamError("The upstream sent more text for a choice that had already finished.")
                 had_payload = True
                 state.seen.append(text)
                 if state.content_window is not None:
@@ -194,22 +311,28 @@ class StreamRewriter:
                 had_payload = True
                 if self._tool_calls(state, tool_calls):
                     changed = self._reshaped = True
+            elif had_payload and choice.get("finish_reason") is None:
+                self._plain_text = state.seen[-1]  # this chunk's text, as it came
         finish_reason = choice.get("finish_reason")
         if finish_reason is not None:
             state.finished = True
             if self.blocked is None and self._flush_choice(state, holder):
                 changed = self._reshaped = True
         if self.blocked is not None:
-            # The blocked choice ends here, with the text before the match and nothing after.
-            choice["finish_reason"] = "content_filter"
-            state.finished = True
-            state.content_window = None
-            state.tool_windows = {}
+            self._end_blocked_choice(choice, state)
             return True, True
         if changed and had_payload and finish_reason is None:
             # A text-only chunk whose text the window holds back entirely is skipped, not sent empty.
             return _has_visible_payload(holder, self._chat) or "role" in holder, True
         return True, changed
+
+    @staticmethod
+    def _end_blocked_choice(choice: dict[str, Any], state: _Choice) -> None:
+        """The blocked choice ends here, with the text before the match and nothing after."""
+        choice["finish_reason"] = "content_filter"
+        state.finished = True
+        state.content_window = None
+        state.tool_windows = {}
 
     def _tool_calls(self, state: _Choice, tool_calls: list[Any]) -> bool:
         changed = False
@@ -335,6 +458,13 @@ def _swap_once(data: str, key: str, old: str, new: str) -> str | None:
             if data.count(needle) == 1:
                 return data.replace(needle, f'"{key}"{separator}{_json_string(new)}')
     return None
+
+
+def _with_json_string(prefix: str, text: str, suffix: str) -> bytes:
+    try:
+        return (prefix + _json_string(text) + suffix).encode()
+    except UnicodeEncodeError:  # a lone surrogate (from a rule's replacement): only its escape can carry it
+        return (prefix + json.dumps(text) + suffix).encode()
 
 
 def _json_string(text: str) -> str:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import given, settings
+import pytest
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from proxy.config import ModerationConfig
 from proxy.moderation import ModerationEngine
 from proxy.sse import SSEDecoder
-from proxy.stream_rewriter import StreamRewriter, _json_string
+from proxy.stream_rewriter import StreamRewriter, UpstreamStreamError, _json_string
 
 ENGINE = ModerationEngine.from_config(
     ModerationConfig(
@@ -136,3 +137,111 @@ def test_with_two_choices_a_changed_chunk_is_encoded_again():
 @given(st.text(alphabet=st.characters(codec="utf-8") | st.sampled_from('"\\\x7f\x1f\u2028'), max_size=12))
 def test_the_quick_json_spelling_of_a_text_is_json_dumps_own(text: str) -> None:
     assert _json_string(text) == json.dumps(text, ensure_ascii=False)
+
+
+def content_chunk(text, *, index=0, role=False, extra=None, compact=True, ascii_only=False, note=None):
+    delta = {"role": "assistant", "content": text} if role else {"content": text}
+    if note is not None:
+        delta["note"] = note  # a field after the text: the slot's suffix must not swallow it
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "m", **(extra or {}),
+             "choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": None}]}
+    data = json.dumps(chunk, separators=(",", ":") if compact else (", ", ": "), ensure_ascii=ascii_only)
+    try:
+        data.encode()
+    except UnicodeEncodeError:  # a lone surrogate travels as its escape: it is not UTF-8
+        data = json.dumps(chunk, separators=(",", ":") if compact else (", ", ": "))
+    return data
+
+
+def rewrite_each(events, *, known_shapes=True, engine=ENGINE):
+    rewriter = StreamRewriter(engine, chat=True, client_wants_usage=False)
+    if not known_shapes:
+        rewriter._slot_searches = 0  # the general path only: parse every chunk
+    outs = []
+    for event in events:
+        outs.append([json.loads(e.data) if e.data != "[DONE]" else e.data for e in SSEDecoder().feed(rewriter.event(event))])
+    return outs, rewriter
+
+
+def test_chunks_shaped_like_the_last_are_handled_without_parsing_them(monkeypatch):
+    parsed = []
+    real_loads = json.loads
+    monkeypatch.setattr(json, "loads", lambda data, *a, **k: parsed.append(data) or real_loads(data, *a, **k))
+    words = [f" word{i}" for i in range(50)] + [" a cat", " and", " more"]
+    rewriter = StreamRewriter(ENGINE, chat=True, client_wants_usage=False)
+    out = b"".join(rewriter.event(e) for e in upstream_events(words))
+    # The role chunk, the first text chunk and the probe of its shape, the finish and the usage chunks.
+    assert len(parsed) == 5
+    monkeypatch.undo()
+    decoder = SSEDecoder()
+    assert texts([e.data for e in decoder.feed(out)]) == ["".join(words).replace("cat", "[REDACTED:cat]")]
+    assert rewriter.completion_texts() == ["".join(words)]
+
+
+_TEXT = st.lists(st.sampled_from(list('ab t@.c"\\é\x01\u2028\ud800') + ["bad word", "cat"]), max_size=6).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(
+    st.one_of(
+        st.tuples(st.just("text"), _TEXT, st.booleans(), st.booleans(), st.booleans()),
+        st.tuples(st.just("other choice"), _TEXT),
+        st.tuples(st.just("nonce"), _TEXT, st.integers(0, 3)),
+        st.tuples(st.just("note"), _TEXT, _TEXT),
+        st.tuples(st.just("raw control character"), _TEXT),  # not valid JSON
+        st.tuples(st.just("tool"), _TEXT),
+        st.tuples(st.just("finish"), st.sampled_from(["stop", "length"])),
+    ),
+    max_size=25,
+))
+@example([("text", "a", False, True, False), ("note", "b", "c")])  # a field after the text
+@example([("text", "a", False, True, False), ("raw control character", "b")])
+def test_known_shapes_give_what_parsing_every_chunk_gives(steps):
+    """The shortcut for chunks shaped like the last is an optimisation only: the same events, the same accounting."""
+    events = []
+    for step in steps:
+        kind = step[0]
+        if kind == "text":
+            _, text, role, compact, ascii_only = step
+            events.append(content_chunk(text, role=role, compact=compact, ascii_only=ascii_only))
+        elif kind == "other choice":
+            events.append(content_chunk(step[1], index=1))
+        elif kind == "nonce":
+            events.append(content_chunk(step[1], extra={"obfuscation": "x" * step[2]}))
+        elif kind == "note":
+            events.append(content_chunk(step[1], note=step[2]))
+        elif kind == "raw control character":
+            events.append(content_chunk(step[1] + "\x01").replace("\\u0001", "\x01"))
+        elif kind == "tool":
+            call = {"index": 0, "function": {"arguments": step[1]}}
+            events.append(json.dumps({"id": "c1", "choices": [{"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}]}))
+        else:
+            events.append(json.dumps({"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": step[1]}]}))
+    events.append("[DONE]")
+    results = []
+    for known_shapes in (True, False):
+        try:
+            outs, rewriter = rewrite_each(events, known_shapes=known_shapes)
+            results.append((outs, rewriter.completion_texts(), rewriter.actions, rewriter.blocked, None))
+        except UpstreamStreamError as exc:
+            results.append((None, None, None, None, str(exc)))
+    assert results[0] == results[1]
+
+
+def test_a_chunk_whose_text_field_is_spelt_elsewhere_first_still_finds_the_right_one():
+    """The same ``"content":"..."`` inside another field is never mistaken for the choice's text."""
+    events = [content_chunk(text, extra={"meta": {"content": "cat"}}) for text in ("cat", " bad", " word", " more")]
+    outs, rewriter = rewrite_each(events)
+    sent = [chunk for out in outs for chunk in out if chunk != "[DONE]"]
+    assert [c["meta"] for c in sent] == [{"content": "cat"}] * len(sent)
+    assert rewriter.blocked is not None and rewriter._slot is not None
+    assert "".join(c["choices"][0]["delta"]["content"] for c in sent) == "[REDACTED:cat] "
+    assert sent[-1]["choices"][0]["finish_reason"] == "content_filter"
+
+
+def test_text_for_a_choice_that_has_finished_is_refused_not_passed_on_unmoderated():
+    rewriter = StreamRewriter(ENGINE, chat=True, client_wants_usage=False)
+    rewriter.event(content_chunk("hi "))
+    rewriter.event(json.dumps({"id": "c1", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}))
+    with pytest.raises(UpstreamStreamError, match="already finished"):
+        rewriter.event(content_chunk("bad word"))
