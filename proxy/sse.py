@@ -53,6 +53,13 @@ class SSEDecoder:
         self._retry: int | None = None
 
     def feed(self, chunk: bytes) -> list[Event]:
+        if chunk[:6] == b"data: " and chunk[-2:] == b"\n\n" and self._between_events():
+            # The usual chunk, one whole one-line event: decoded without splitting it into lines.
+            data = chunk[6:-2]
+            if b"\n" not in data and b"\r" not in data and (
+                self._max_event_bytes is None or len(chunk) - 2 <= self._max_event_bytes
+            ):
+                return [Event(data.decode("utf-8", errors="replace"), None, self._last_id, self._retry)]
         if self._after_cr and chunk[:1] == b"\n":
             chunk = chunk[1:]
         self._after_cr = False
@@ -83,6 +90,10 @@ class SSEDecoder:
         except EventTooLarge as exc:
             raise EventTooLarge(str(exc), events) from None
         return events
+
+    def _between_events(self) -> bool:
+        """Nothing of an event has arrived since the last one was dispatched (and the stream has begun)."""
+        return not (self._buffer or self._data or self._after_cr or self._at_stream_start) and self._event_type is None
 
     def finish(self) -> list[Event]:
         """End of stream: a last line and event without their terminators still count."""

@@ -47,6 +47,11 @@ def test_cr_at_chunk_end_followed_by_lf_is_one_line_end():
     assert decode_all([b"data: a\r", b"\n\r", b"\ndata: b\r\n\r\n"]) == [Event("a"), Event("b")]
 
 
+def test_a_whole_event_after_part_of_a_line_continues_that_line():
+    assert decode_all([b"data: a", b"data: b\n\n"]) == [Event("adata: b")]
+    assert decode_all([b"data: a\r", b"data: b\n\n", b"\ndata: c\n\n"]) == [Event("a\nb"), Event("c")]
+
+
 def test_utf8_split_inside_a_character():
     raw = 'data: héllo 🌊\n\n'.encode()
     split = raw.index("🌊".encode()) + 2
@@ -97,3 +102,35 @@ def test_any_split_decodes_to_the_same_events(events, newline, cuts):
     chunks = [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)])]
     assert decode_all(chunks) == decode_all([raw])
     assert decode_all(chunks) == [Event("\n".join(lines)) for lines, _ in events]
+
+
+_single_events = st.lists(
+    st.tuples(
+        st.lists(_field_values, min_size=1, max_size=2),
+        st.sampled_from(["", "event: delta\n", "id: 7\n", ": note\n", "retry: 100\n"]),
+        st.sampled_from(["\n", "\r\n"]),
+        st.integers(0, 50),
+    ),
+    min_size=1, max_size=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(events=_single_events)
+def test_one_event_per_chunk_decodes_like_the_whole_stream(events):
+    """Providers send a chunk per event, the case the decoder takes without splitting lines;
+    some events here arrive in two pieces, so a whole one can follow part of another."""
+    chunks = []
+    for lines, before, newline, cut in events:
+        raw = (before + "".join(f"data: {line}\n" for line in lines) + "\n").replace("\n", newline).encode()
+        cut %= len(raw)
+        chunks += [raw[:cut], raw[cut:]] if cut else [raw]
+    assert decode_all(chunks) == decode_all([b"".join(chunks)])
+    assert decoded_or_too_large(chunks, 12) == decoded_or_too_large([b"".join(chunks)], 12)
+
+
+def decoded_or_too_large(chunks, max_event_bytes):
+    try:
+        return decode_all(chunks, max_event_bytes)
+    except EventTooLarge:
+        return "too large"
