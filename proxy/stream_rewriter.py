@@ -17,6 +17,7 @@ is handled from its text alone.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 from .sse import DONE, encode_data
@@ -131,10 +132,11 @@ class StreamRewriter:
             return b""
         if data == "[DONE]":
             return self.finish()
-        if self._slot is not None:
-            text = self._slot.text_of(data)
-            if text is not None and not self._slot.state.finished:
-                return self._event_in_slot(data, text)
+        slot = self._slot
+        if slot is not None:
+            text = slot.text_of(data)
+            if text is not None and not slot.state.finished:
+                return self._event_in_slot(slot, data, text)
         try:
             chunk = json.loads(data)
         except ValueError:
@@ -195,10 +197,8 @@ class StreamRewriter:
             return out
         return encode_data(_dumps(chunk) if changed else data.encode())
 
-    def _event_in_slot(self, data: str, text: str) -> bytes:
+    def _event_in_slot(self, slot: _TextSlot, data: str, text: str) -> bytes:
         """What ``event`` does with a chunk of the slot's shape, from its text alone."""
-        slot = self._slot
-        assert slot is not None
         state = slot.state
         state.seen.append(text)
         window = state.content_window
@@ -226,9 +226,7 @@ class StreamRewriter:
         if state is None or state.finished or not isinstance(holder, dict) or text is None:
             return
         self._slot_searches -= 1
-        literal = _json_string(text)
-        for separator in (":", ": "):
-            needle = f'"{self._text_key}"{separator}{literal}'
+        for needle, literal in _field_spellings(self._text_key, text):
             at = data.find(needle)
             while at != -1:
                 start = at + len(needle) - len(literal)
@@ -448,16 +446,21 @@ def _splice(data: str, edits: list[tuple[str, str]], key: str) -> bytes | None:
 
 
 def _swap_once(data: str, key: str, old: str, new: str) -> str | None:
-    """``"key": old`` replaced by ``"key": new`` if it appears exactly once, as Python's json spells it
-    (raw or ASCII-escaped, with or without a space after the colon)."""
-    plain = _json_string(old)
-    escaped = plain if old.isascii() else json.dumps(old)
+    """``"key": old`` replaced by ``"key": new`` if it appears exactly once in one of its spellings."""
+    for needle, spelling in _field_spellings(key, old):
+        if data.count(needle) == 1:
+            return data.replace(needle, needle[: -len(spelling)] + _json_string(new))
+    return None
+
+
+def _field_spellings(key: str, text: str) -> Iterator[tuple[str, str]]:
+    """``"key":`` and ``text`` as a JSON string, each way Python's json spells it (raw or
+    ASCII-escaped, with or without a space after the colon): the whole, and the string alone."""
+    plain = _json_string(text)
+    escaped = plain if text.isascii() else json.dumps(text)
     for spelling in (plain,) if escaped == plain else (plain, escaped):
         for separator in (":", ": "):
-            needle = f'"{key}"{separator}{spelling}'
-            if data.count(needle) == 1:
-                return data.replace(needle, f'"{key}"{separator}{_json_string(new)}')
-    return None
+            yield f'"{key}"{separator}{spelling}', spelling
 
 
 def _with_json_string(prefix: str, text: str, suffix: str) -> bytes:

@@ -196,6 +196,7 @@ _TEXT = st.lists(st.sampled_from(list('ab t@.c"\\é\x01\u2028\ud800') + ["bad wo
 ))
 @example([("text", "a", False, True, False), ("note", "b", "c")])  # a field after the text
 @example([("text", "a", False, True, False), ("raw control character", "b")])
+@example([("text", "a ", True, True, False), ("text", "c", True, True, False)])  # a role, and the text all held
 def test_known_shapes_give_what_parsing_every_chunk_gives(steps):
     """The shortcut for chunks shaped like the last is an optimisation only: the same events, the same accounting."""
     events = []
@@ -229,14 +230,15 @@ def test_known_shapes_give_what_parsing_every_chunk_gives(steps):
 
 
 def test_a_chunk_whose_text_field_is_spelt_elsewhere_first_still_finds_the_right_one():
-    """The same ``"content":"..."`` inside another field is never mistaken for the choice's text."""
-    events = [content_chunk(text, extra={"meta": {"content": "cat"}}) for text in ("cat", " bad", " word", " more")]
+    """The same ``"content":"..."`` inside another field is never mistaken for the choice's text:
+    taken for it, the next chunk (the other field changed, the text the same) would pass unread."""
+    pairs = [("cat", "cat"), (" bad word", "cat"), ("x", " more"), ("y", " more")]
+    events = [content_chunk(text, extra={"meta": {"content": meta}}) for meta, text in pairs]
     outs, rewriter = rewrite_each(events)
-    sent = [chunk for out in outs for chunk in out if chunk != "[DONE]"]
-    assert [c["meta"] for c in sent] == [{"content": "cat"}] * len(sent)
-    assert rewriter.blocked is not None and rewriter._slot is not None
-    assert "".join(c["choices"][0]["delta"]["content"] for c in sent) == "[REDACTED:cat] "
-    assert sent[-1]["choices"][0]["finish_reason"] == "content_filter"
+    sent = [chunk for out in outs for chunk in out]
+    assert "".join(c["choices"][0]["delta"]["content"] for c in sent) == "[REDACTED:cat][REDACTED:cat] more "  # the last word still held
+    assert rewriter.blocked is None and rewriter._slot is not None
+    assert rewriter.completion_texts() == ["catcat more more"]
 
 
 def test_text_for_a_choice_that_has_finished_is_refused_not_passed_on_unmoderated():
