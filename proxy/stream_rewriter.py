@@ -90,7 +90,10 @@ class _TextSlot:
         return text if text.isprintable() else None
 
     def chunk_with(self, text: str) -> bytes:
-        return _with_json_string(self.prefix, text, self.suffix)
+        try:
+            return (self.prefix + _json_string(text) + self.suffix).encode()
+        except UnicodeEncodeError:  # a lone surrogate (from a rule's replacement): only its escape can carry it
+            return (self.prefix + json.dumps(text) + self.suffix).encode()
 
 
 # How many times a stream may look for a slot: a provider whose chunks differ by more
@@ -461,13 +464,6 @@ def _field_spellings(key: str, text: str) -> Iterator[tuple[str, str]]:
     for spelling in (plain,) if escaped == plain else (plain, escaped):
         for separator in (":", ": "):
             yield f'"{key}"{separator}{spelling}', spelling
-
-
-def _with_json_string(prefix: str, text: str, suffix: str) -> bytes:
-    try:
-        return (prefix + _json_string(text) + suffix).encode()
-    except UnicodeEncodeError:  # a lone surrogate (from a rule's replacement): only its escape can carry it
-        return (prefix + json.dumps(text) + suffix).encode()
 
 
 def _json_string(text: str) -> str:
