@@ -288,6 +288,7 @@ class StreamRewriter:
         if state is None:
             state = self._choices[index] = _Choice(self._engine)
         holder = choice.get("delta") if self._chat else choice
+        finish_reason = choice.get("finish_reason")
         changed = False
         had_payload = False
         if isinstance(holder, dict):
@@ -312,9 +313,8 @@ class StreamRewriter:
                 had_payload = True
                 if self._tool_calls(state, tool_calls):
                     changed = self._reshaped = True
-            elif had_payload and choice.get("finish_reason") is None:
+            elif had_payload and finish_reason is None:
                 self._plain_text = state.seen[-1]  # this chunk's text, as it came
-        finish_reason = choice.get("finish_reason")
         if finish_reason is not None:
             state.finished = True
             if self.blocked is None and self._flush_choice(state, holder):

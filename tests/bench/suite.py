@@ -516,15 +516,17 @@ def summary(results: dict[str, dict[str, Run]], opts: argparse.Namespace) -> lis
     def verdict(ok: bool | None) -> str:
         return "-" if ok is None else ("met" if ok else "NOT met")
 
+    def added_by(target: str, scenario: str, metric: str, p: str) -> float:
+        runs = results.get(scenario, {})
+        return added(runs[target], runs.get("direct"), metric, p) if target in runs else math.nan
+
     def bare_added(scenario: str, metric: str, p: str) -> str:
         """The bare pass-through's figure, shown beside Sluice's: the floor this machine allows any aiohttp gateway."""
-        runs = results.get(scenario, {})
-        return fmt(added(runs["bare"], runs.get("direct"), metric, p) if "bare" in runs else math.nan, 2, True)
+        return fmt(added_by("bare", scenario, metric, p), 2, True)
 
-    chat = results.get("chat-c50", {})
     for p, limit in (("p50", 1.0), ("p99", 5.0)):
         for metric, how in (("latency_ms", "latency"), ("outside_model_ms", "net of the model's own time")):
-            extra = added(chat["sluice"], chat.get("direct"), metric, p) if "sluice" in chat else math.nan
+            extra = added_by("sluice", "chat-c50", metric, p)
             lines.append(f"  added {p} at concurrency 50, non-streamed, {how}: {fmt(extra, 2, True)} ms "
                          f"(target <= {limit:g} ms; bare pass-through {bare_added('chat-c50', metric, p)} ms): "
                          f"{verdict(None if math.isnan(extra) else extra <= limit)}")
