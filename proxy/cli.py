@@ -19,7 +19,7 @@ from .demo import run_demo
 from .gateway import Runtime
 from .logs import configure_logging
 from .mock_upstream import run_mock_upstream
-from .server import serve
+from .app import serve
 
 T = TypeVar("T")
 

@@ -51,6 +51,10 @@ class ServerConfig(_Strict):
     max_body_bytes: int = Field(4 * 1024 * 1024, gt=0)
     keepalive_seconds: float = Field(15, gt=0)
     max_event_bytes: int = Field(1024 * 1024, gt=0)
+    # A client that takes no streamed bytes for this long is dropped (its upstream too).
+    send_timeout_seconds: float = Field(30, gt=0)
+    # A whole (non-streamed) answer larger than this is refused as an upstream error, not buffered.
+    max_response_bytes: int = Field(64 * 1024 * 1024, gt=0)
     shutdown_grace_seconds: float = Field(30, ge=0)
     metrics_port: int | None = Field(None, ge=0, le=65535)  # serve /metrics here instead of on `port`
     max_upstream_attempts: int = Field(2, ge=1, le=10)  # connect errors and 5xx before the first byte retry
@@ -59,6 +63,7 @@ class ServerConfig(_Strict):
 
 class UpstreamConfig(_Strict):
     name: str = Field(min_length=1)
+    api: Literal["openai", "anthropic"] = "openai"  # the wire format it speaks
     base_url: str
     api_key_env: str | None = None
     models: list[str] = Field(min_length=1)

@@ -12,7 +12,7 @@ from aiohttp import web
 from .config import ConfigError, load_settings
 from .logs import configure_logging
 from .mock_upstream import create_mock_app
-from .server import GatewayServer
+from .app import GatewayServer
 
 DEMO_KEY = "sk-sluice-demo"
 _DEMO_CONFIG = "config/demo.yaml"

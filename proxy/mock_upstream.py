@@ -50,7 +50,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from proxy import tokens
-from proxy.server import LISTEN_BACKLOG
+from proxy.app import LISTEN_BACKLOG
 
 MOCK_MODELS = (
     "gpt-4o-mini",

@@ -1,33 +1,17 @@
 """Validation of the request fields the gateway reads itself.
 
-Only the fields the gateway acts on are checked (model, messages, prompt,
-input, stream, stream_options, max_tokens, max_completion_tokens, n); every
-other field is the provider's business and passes through untouched.
+Each format's adapter checks the fields it reads with these; every other
+field is the provider's business and passes through untouched.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+from . import jsonio
 from typing import Any
 
 from .errors import invalid_request
 
-CHAT = "chat.completions"
-COMPLETIONS = "completions"
-EMBEDDINGS = "embeddings"
-
 _MAX_N = 128
-
-
-@dataclass(slots=True)
-class ParsedRequest:
-    endpoint: str
-    payload: dict[str, Any]
-    model: str
-    stream: bool
-    client_wants_usage: bool  # stream_options.include_usage as the client sent it
-    n: int
 
 
 def _is_int(value: Any) -> bool:
@@ -42,7 +26,7 @@ def decode_json_object(body: bytes) -> dict[str, Any]:
     if not body:
         raise invalid_request("The request body is empty; expected a JSON object.")
     try:
-        payload = json.loads(body)
+        payload = jsonio.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise invalid_request(f"The request body is not valid JSON: {exc}.") from None
     except RecursionError:
@@ -52,7 +36,7 @@ def decode_json_object(body: bytes) -> dict[str, Any]:
     return payload
 
 
-def _check_messages(messages: Any) -> None:
+def check_messages(messages: Any) -> None:
     if messages is None:
         raise invalid_request("Missing required parameter: 'messages'.", "messages")
     if not isinstance(messages, list) or not messages:
@@ -75,23 +59,23 @@ def _check_messages(messages: Any) -> None:
                 raise _type_error(f"{param}.content[{j}].text", "a string")
 
 
-def _is_token_array(value: Any) -> bool:
+def is_token_array(value: Any) -> bool:
     return isinstance(value, list) and all(_is_int(t) for t in value)
 
 
-def _check_text_or_tokens(value: Any, param: str) -> None:
+def check_text_or_tokens(value: Any, param: str) -> None:
     if value is None:
         raise invalid_request(f"Missing required parameter: '{param}'.", param)
     if isinstance(value, str):
         return
     if isinstance(value, list) and value and (
-        all(isinstance(v, str) for v in value) or _is_token_array(value) or all(_is_token_array(v) for v in value)
+        all(isinstance(v, str) for v in value) or is_token_array(value) or all(is_token_array(v) for v in value)
     ):
         return
     raise _type_error(param, "a string, an array of strings or an array of token arrays")
 
 
-def _optional_positive_int(payload: dict[str, Any], param: str) -> int | None:
+def optional_positive_int(payload: dict[str, Any], param: str) -> int | None:
     value = payload.get(param)
     if value is None:
         return None
@@ -100,39 +84,37 @@ def _optional_positive_int(payload: dict[str, Any], param: str) -> int | None:
     return value
 
 
-def parse_request(endpoint: str, body: bytes) -> ParsedRequest:
-    payload = decode_json_object(body)
+def check_model(payload: dict[str, Any]) -> str:
     model = payload.get("model")
     if model is None:
         raise invalid_request("Missing required parameter: 'model'.", "model")
     if not isinstance(model, str) or not model.strip():
         raise _type_error("model", "a non-empty string")
-    if endpoint == CHAT:
-        _check_messages(payload.get("messages"))
-    elif endpoint == COMPLETIONS:
-        _check_text_or_tokens(payload.get("prompt"), "prompt")
-    else:
-        _check_text_or_tokens(payload.get("input"), "input")
+    return model
 
-    stream = False
-    client_wants_usage = False
-    n = 1
-    if endpoint != EMBEDDINGS:
-        stream_value = payload.get("stream")
-        if stream_value is not None and not isinstance(stream_value, bool):
-            raise _type_error("stream", "a boolean")
-        stream = bool(stream_value)
-        options = payload.get("stream_options")
-        if options is not None:
-            if not isinstance(options, dict):
-                raise _type_error("stream_options", "an object")
-            include = options.get("include_usage")
-            if include is not None and not isinstance(include, bool):
-                raise _type_error("stream_options.include_usage", "a boolean")
-            client_wants_usage = bool(include)
-        _optional_positive_int(payload, "max_tokens")
-        _optional_positive_int(payload, "max_completion_tokens")
-        n = _optional_positive_int(payload, "n") or 1
-        if n > _MAX_N:
-            raise invalid_request(f"'n' must be at most {_MAX_N}.", "n")
-    return ParsedRequest(endpoint, payload, model, stream, client_wants_usage, n)
+
+def check_stream(payload: dict[str, Any]) -> bool:
+    value = payload.get("stream")
+    if value is not None and not isinstance(value, bool):
+        raise _type_error("stream", "a boolean")
+    return bool(value)
+
+
+def check_stream_options(payload: dict[str, Any]) -> bool:
+    """Whether the client asked for the usage chunk (``stream_options.include_usage``)."""
+    options = payload.get("stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise _type_error("stream_options", "an object")
+    include = options.get("include_usage")
+    if include is not None and not isinstance(include, bool):
+        raise _type_error("stream_options.include_usage", "a boolean")
+    return bool(include)
+
+
+def check_n(payload: dict[str, Any]) -> int:
+    n = optional_positive_int(payload, "n") or 1
+    if n > _MAX_N:
+        raise invalid_request(f"'n' must be at most {_MAX_N}.", "n")
+    return n

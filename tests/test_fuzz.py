@@ -33,11 +33,11 @@ from hypothesis import strategies as st
 from processes import GatewayProcess
 from test_faults import SSE_HEAD, RawUpstream, http_chunk, parse_stream
 
-import proxy.server
+from proxy.formats import FORMATS
 from proxy.auth import hash_key
 from proxy.config import load_settings
-from proxy.server import GatewayServer
-from proxy.sse import EventTooLarge, SSEDecoder
+from proxy.app import GatewayServer
+from proxy.stream.sse import EventTooLarge, SSEDecoder
 
 CAROL = "sk-test-carol-0123456789"  # team research, with token budgets: answers are capped
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -658,14 +658,15 @@ async def test_a_huge_prompt_does_not_stall_other_clients(mock_upstream, start_g
             worker_threads["moderate"].add(threading.get_ident())
         return moderate(text, direction)
 
-    count = proxy.server._prompt_text_count
+    chat = FORMATS["/v1/chat/completions"]
+    count = chat.prompt_tokens
 
     def recording_count(parsed):
         worker_threads["count"].add(threading.get_ident())
         return count(parsed)
 
     monkeypatch.setattr(engine, "moderate", recording_moderate)
-    monkeypatch.setattr(proxy.server, "_prompt_text_count", recording_count)
+    monkeypatch.setattr(chat, "prompt_tokens", recording_count)
     # Just under the mock's own 1 MiB body limit.
     words = ("call 555-123-4567 or mail a@b.co about TCK-123456 " * 20_000)[:1_000_000]
     body = {"model": "gpt-4o-mini", "max_tokens": 1, "messages": [{"role": "user", "content": words}]}

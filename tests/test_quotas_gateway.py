@@ -13,7 +13,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from conftest import ALICE, gateway_config
-from proxy.server import with_leading_members
+from proxy.upstream_body import with_leading_members
 from proxy.tokens import count_chat_prompt, count_text
 
 
@@ -221,13 +221,13 @@ async def test_the_cap_is_written_in_front_of_the_clients_own_bytes(mock_upstrea
     gw = await start_gateway(limited(mock_upstream.url, team_limits={"tokens_per_day": 1000}))
     assert await post_raw(gw, CLIENT_BYTES.encode()) == 200
     sent = mock_upstream.state.requests[-1]
-    assert sent["raw"] == '{"max_tokens": %d,' % sent["body"]["max_tokens"] + CLIENT_BYTES[1:]
+    assert sent["raw"] == '{"max_tokens":%d,' % sent["body"]["max_tokens"] + CLIENT_BYTES[1:]
 
     streamed = CLIENT_BYTES.replace('"model"', '"stream": true, "model"')
     assert await post_raw(gw, streamed.encode()) == 200
     sent = mock_upstream.state.requests[-1]
     cap = sent["body"]["max_tokens"]
-    assert sent["raw"] == '{"max_tokens": %d, "stream_options": {"include_usage": true},' % cap + streamed[1:]
+    assert sent["raw"] == '{"max_tokens":%d,"stream_options":{"include_usage":true},' % cap + streamed[1:]
 
 
 async def test_a_cap_on_a_field_the_client_sent_replaces_it(mock_upstream, start_gateway):

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.sse import Event, EventTooLarge, SSEDecoder, encode_data
+from proxy.stream.sse import Event, EventTooLarge, SSEDecoder, encode_data
 
 
 def decode_all(chunks, max_event_bytes=None):

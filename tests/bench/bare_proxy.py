@@ -20,7 +20,7 @@ import aiohttp
 from aiohttp import web
 
 from proxy.cli import run_event_loop
-from proxy.server import LISTEN_BACKLOG
+from proxy.app import LISTEN_BACKLOG
 
 ROUTES = web.AppKey("routes", dict)
 SESSION = web.AppKey("session", aiohttp.ClientSession)

@@ -23,8 +23,10 @@ from pathlib import Path
 
 from proxy.config import ModerationConfig
 from proxy.moderation import ModerationEngine
-from proxy.sse import SSEDecoder
-from proxy.stream_rewriter import StreamRewriter
+from proxy.formats import AnswerContext
+from proxy.formats.chat import ChatFormat
+from proxy.formats.base import ParsedRequest
+from proxy.stream.pipeline import StreamPipeline
 from tests.bench.harness import moderation_terms, words
 from tests.bench.suite import TERMS, moderation_rules
 
@@ -45,11 +47,10 @@ def stream_chunks(text: str) -> list[bytes]:
 
 
 def relay(engine: ModerationEngine | None, chunks: list[bytes]) -> None:
-    rewriter = StreamRewriter(engine, chat=True, client_wants_usage=False)
-    decoder = SSEDecoder(1 << 20)
+    parsed = ParsedRequest({}, "gpt-4o", stream=True)
+    pipeline = StreamPipeline(ChatFormat().stream_rewriter(parsed, AnswerContext("gpt-4o", engine)), 1 << 20)
     for chunk in chunks:
-        for event in decoder.feed(chunk):
-            rewriter.event(event.data)
+        pipeline.feed(chunk)
 
 
 def main() -> None:

@@ -1,0 +1,101 @@
+"""Counting an answer's tokens as it streams, without keeping its text.
+
+tiktoken splits text into pieces with its encoding's regular expression and
+encodes each piece on its own, so a text's token count is the sum over its
+pieces. ``StreamingTokenCounter`` keeps only the tail whose pieces may still
+change when more text arrives (the last few pieces) and encodes everything
+before it once; its memory is bounded by that tail, not by the answer.
+
+Invariant (checked by a property test over random texts and chunkings): for
+any split of a text into ``add`` calls, ``total()`` equals ``count_text`` of
+the whole text.
+"""
+
+from __future__ import annotations
+
+import regex
+import tiktoken
+
+from .tokens import SEGMENT_CHARS, _count, encoding_for_model
+
+# Pieces at the end of the tail that more text could still merge or split
+# (a contraction, a digit group, a whitespace run that gives its last space
+# to the next word). Everything before them is settled.
+_UNSETTLED_PIECES = 3
+# The tail is settled only once it is this long: a chunk costs one append.
+_SETTLE_AT_CHARS = 512
+
+_patterns: dict[str, regex.Pattern[str]] = {}
+
+
+def _pieces_pattern(encoding: tiktoken.Encoding) -> regex.Pattern[str]:
+    pattern = _patterns.get(encoding.name)
+    if pattern is None:
+        pattern = _patterns[encoding.name] = regex.compile(encoding._pat_str)  # noqa: SLF001  tiktoken's own split
+    return pattern
+
+
+class StreamingTokenCounter:
+    """Tokens of one text that arrives in pieces (one field of one choice)."""
+
+    __slots__ = ("_encoding", "_next_settle", "_pattern", "_settled", "_tail", "chars")
+
+    def __init__(self, model: str):
+        self._encoding = encoding_for_model(model)
+        self._pattern = _pieces_pattern(self._encoding)
+        self._settled = 0  # tokens of the text before the tail
+        self._tail = ""
+        self._next_settle = _SETTLE_AT_CHARS  # doubles while a piece runs on (CJK has no spaces)
+        self.chars = 0  # characters seen in all
+
+    def add(self, text: str) -> None:
+        self.chars += len(text)
+        self._tail += text
+        if len(self._tail) >= self._next_settle:
+            self._settle()
+
+    def _settle(self) -> None:
+        tail = self._tail
+        starts = [match.start() for match in self._pattern.finditer(tail)]
+        cut = 0
+        # A cut after whitespace is not certain: alone, the text before it would end in a
+        # whitespace piece that, followed by a word, gives its last space to that word.
+        for start in reversed(starts[1 : len(starts) - _UNSETTLED_PIECES + 1]):
+            if not tail[start - 1].isspace():
+                cut = start
+                break
+        if not cut and len(tail) > 2 * SEGMENT_CHARS:
+            cut = len(tail) // 2  # one giant piece: counted in segments, as ``count_text`` does
+        if not cut:
+            self._next_settle = 2 * len(tail)
+            return
+        self._settled += _count(self._encoding, tail[:cut])
+        self._tail = tail[cut:]
+        self._next_settle = max(_SETTLE_AT_CHARS, 2 * len(self._tail))
+
+    def total(self) -> int:
+        """The exact count of everything added so far."""
+        return self._settled + (_count(self._encoding, self._tail) if self._tail else 0)
+
+    def bound(self) -> int:
+        """An upper bound of ``total()`` that costs nothing: a token is at least one UTF-8 byte."""
+        return self._settled + 4 * len(self._tail)
+
+    def fit(self, text: str, budget: int) -> str:
+        """The longest start of ``text`` that keeps ``total()`` within ``budget`` once added."""
+        encoding, tail = self._encoding, self._tail
+        room = budget - self._settled
+        if _count(encoding, tail + text) <= room:
+            return text
+        low, high = 0, len(text)  # text[:low] fits, text[:high] does not
+        while high - low > 1:
+            middle = (low + high) // 2
+            if _count(encoding, tail + text[:middle]) <= room:
+                low = middle
+            else:
+                high = middle
+        return text[:low]
+
+    def settle_now(self) -> None:
+        """Encode what is settled now (near an answer cap, where ``total`` is asked per chunk)."""
+        self._settle()
