@@ -150,7 +150,7 @@ async def forward_stream(
     response = web.StreamResponse(
         status=200,
         headers={
-            **forwarded_response_headers(resp.headers),
+            **forwarded_response_headers(resp.headers, body=False),
             hdrs.CONTENT_TYPE: _EVENT_STREAM,
             hdrs.CACHE_CONTROL: "no-cache",
             "x-accel-buffering": "no",

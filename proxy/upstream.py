@@ -36,8 +36,9 @@ FORWARDED_RESPONSE_HEADERS = (
 )
 
 
-def forwarded_response_headers(headers: Mapping[str, str]) -> dict[str, str]:
-    kept = {name: headers[name] for name in FORWARDED_RESPONSE_HEADERS if name in headers}
+def forwarded_response_headers(headers: Mapping[str, str], body: bool = True) -> dict[str, str]:
+    """The provider's headers a client may see; ``body=False`` when the gateway writes its own body and type."""
+    kept = {name: headers[name] for name in FORWARDED_RESPONSE_HEADERS if name in headers and (body or name != "content-type")}
     if "x-request-id" in headers:
         kept["x-upstream-request-id"] = headers["x-request-id"]
     return kept

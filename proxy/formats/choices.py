@@ -163,16 +163,16 @@ class _Choices:
                     self.delivered = True
                 if self.blocked is not None:
                     break
-        if self.blocked is not None:
-            self.end_choice(choice, holder, state, "content_filter", due)
-            changed = True
-        elif state.capped or (choice.get("finish_reason") and not state.finished) or final:
+        if self.blocked is None and (state.capped or (choice.get("finish_reason") and not state.finished) or final):
             if self.flush(holder, state, due):
                 changed = True
-            if state.capped and not state.finished:
+            if state.capped and not state.finished and self.blocked is None:
                 choice["finish_reason"] = "length"
                 changed = True
             state.finished = True
+        if self.blocked is not None:  # in a field, or in what the finish released
+            self.end_choice(choice, holder, state, "content_filter", due)
+            changed = True
         if due or entries:
             self.shape.put_logprobs(choice, due)
             changed = changed or bool(entries)
@@ -453,14 +453,11 @@ class ChoicesRewriter(EventRewriter):
         return out + encode_data(jsonio.dumps(body))
 
     def usage(self, prompt_tokens: int) -> tuple[int, int]:
-        counted = self._core.completion_tokens()
-        usage = self._usage
-        if usage is None or self.end is not None and self.end.kind == "capped":
-            return (usage.prompt if usage and usage.prompt is not None else prompt_tokens), counted
-        return (
-            usage.prompt if usage.prompt is not None else prompt_tokens,
-            usage.completion if usage.completion is not None else counted,
-        )
+        usage = self._usage or Usage(None, None)
+        prompt = usage.prompt if usage.prompt is not None else prompt_tokens
+        if usage.completion is None or self.end is not None and self.end.kind == "capped":
+            return prompt, self._core.completion_tokens()  # counted only when the provider did not say
+        return prompt, usage.completion
 
 
 def moderate_choices(shape: ChoiceShape, document: dict[str, Any], ctx: AnswerContext, logprobs: bool) -> Moderated:
@@ -478,7 +475,7 @@ def moderate_choices(shape: ChoiceShape, document: dict[str, Any], ctx: AnswerCo
             core.blocked = None  # a block ends its own choice; the others are moderated on their own
     usage = usage_from(document.get("usage"), "prompt_tokens", "completion_tokens")
     capped = any(state.capped for state in core.choices.values())
-    counted = core.completion_tokens()
+    counted = core.completion_tokens() if capped or usage is None or usage.completion is None else 0
     if capped and usage is not None:
         usage = Usage(usage.prompt, counted)
     return Moderated(jsonio.dumps(document) if changed else b"", core.actions, usage, counted)
