@@ -16,13 +16,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy import tokens
-from proxy.mock_upstream import (
+from proxy.devtools.mock import (
     MOCK_MODELS,
     MOCK_STATE,
     MockControl,
     MockState,
-    _plan_answer,
     create_mock_app,
+    plan_answer,
     run_mock_upstream,
 )
 
@@ -194,7 +194,7 @@ async def test_max_tokens_truncates_with_finish_reason_length(client):
 
 @given(text=st.text(max_size=60), chunk_chars=st.none() | st.integers(min_value=1, max_value=7))
 def test_stream_pieces_always_rebuild_the_reply(text, chunk_chars):
-    answer = _plan_answer("gpt-4o", text, None, MockControl(chunk_chars=chunk_chars), "stop")
+    answer = plan_answer("gpt-4o", text, None, MockControl(chunk_chars=chunk_chars), "stop")
     assert "".join(answer.pieces) == text
     assert all(answer.pieces)
 
