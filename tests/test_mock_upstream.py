@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -25,6 +27,7 @@ from proxy.devtools.mock import (
     plan_answer,
     run_mock_upstream,
 )
+from proxy.devtools.mock.plan import plan_segments, segment_tokens
 
 USER_TEXT = "The quick brown fox jumps over the lazy dog."
 MESSAGES = [
@@ -197,6 +200,32 @@ def test_stream_pieces_always_rebuild_the_reply(text, chunk_chars):
     answer = plan_answer("gpt-4o", text, None, MockControl(chunk_chars=chunk_chars), "stop")
     assert "".join(answer.pieces) == text
     assert all(answer.pieces)
+
+
+_SEGMENT = st.tuples(st.sampled_from(["reasoning", "text", "refusal", "tool"]), st.text(max_size=40))
+
+
+@given(
+    wanted=st.lists(_SEGMENT, min_size=1, max_size=3),
+    cap=st.none() | st.integers(min_value=0, max_value=30),
+    chunk_chars=st.none() | st.integers(min_value=1, max_value=7),
+)
+def test_planned_segments_fit_the_cap_and_rebuild_their_text(wanted, cap, chunk_chars):
+    control = MockControl(chunk_chars=chunk_chars)
+    segments, cut = plan_segments("gpt-4o", wanted, cap, control, tool_name="f")
+    assert len(segments) <= len(wanted)
+    for segment, (kind, text) in zip(segments, wanted):
+        assert segment.kind == kind and "".join(segment.pieces) == segment.text and all(segment.pieces)
+        whole = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        assert whole.startswith(segment.text) and (segment.text == whole) != segment.cut
+        assert kind != "tool" or not segment.cut  # a tool call is all or nothing
+    spent = sum(segment_tokens("gpt-4o", s, "f") for s in segments)
+    if cap is None:
+        assert not cut and len(segments) == len(wanted)
+    else:
+        assert spent <= cap
+        assert cut == (len(segments) < len(wanted) or any(s.cut for s in segments))
+    assert plan_segments("gpt-4o", wanted, cap, MockControl(chunk_chars=chunk_chars, ignore_cap=True))[1] is False
 
 
 # --- non-streamed -----------------------------------------------------------
@@ -480,3 +509,14 @@ async def test_run_mock_upstream_serves_until_cancelled():
         server.cancel()
         with pytest.raises(asyncio.CancelledError):
             await server
+
+
+def test_the_gateway_never_imports_the_mock():
+    # `sluice serve` loads proxy.cli and the server; the mock and the demo stay out of that process.
+    code = (
+        "import sys, proxy.cli, proxy.server; "
+        "loaded = sorted(m for m in sys.modules if m.startswith('proxy.devtools')); "
+        "print(loaded); sys.exit(1 if loaded else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
