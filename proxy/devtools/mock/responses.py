@@ -167,7 +167,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
             "instructions": body.get("instructions"), "max_output_tokens": cap, "max_tool_calls": None,
             "model": model, "output": output, "parallel_tool_calls": True,
             "previous_response_id": body.get("previous_response_id"),
-            "reasoning": {"effort": None, "summary": None}, "service_tier": "default", "store": False,
+            "reasoning": {"effort": None, "summary": None}, "service_tier": "default", "store": body.get("store", True),
             "temperature": 1.0, "text": {"format": {"type": "text"}, "verbosity": "medium"},
             "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools") or [], "top_p": 1.0,
             "truncation": "disabled", "usage": None, "user": None, "metadata": body.get("metadata") or {},
