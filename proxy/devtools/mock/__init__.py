@@ -36,9 +36,14 @@ answer is a 400 naming it):
                      whose arguments stream in pieces (on /v1/messages the
                      arguments must be a JSON object: the tool_use input)
     no_done          chat and completions: leave out the final ``data: [DONE]``
-    reasoning        /v1/responses: a reasoning item with this summary text
+    reasoning        chat: reasoning streamed before the answer (it counts
+                     against the cap); /v1/responses: a reasoning item with
+                     this summary text
+    reasoning_field  chat: "reasoning_content" (default, DeepSeek's) or
+                     "reasoning" (vLLM's), the field reasoning goes in
     thinking         /v1/messages: a thinking block with this text
-    refusal          /v1/responses: the message is a refusal with this text
+    refusal          chat: answer in ``refusal`` instead of content;
+                     /v1/responses: the message is a refusal with this text
     error_after      /v1/responses and /v1/messages: after N deltas, an ``error``
                      event ends the stream (Anthropic's: overloaded_error); not
                      streamed: a 500 (OpenAI) or 529 overloaded_error
@@ -51,7 +56,8 @@ The request's own fields count too: ``n`` gives that many chat/completions
 choices, interleaved in the stream; ``max_completion_tokens`` (else
 ``max_tokens``; ``max_output_tokens`` on /v1/responses) cuts the reply with
 finish_reason "length" (status "incomplete", stop_reason "max_tokens");
-``stream_options.include_usage`` adds the chat usage chunk.
+``stream_options.include_usage`` adds the chat usage chunk; chat's
+``logprobs`` / ``top_logprobs`` give each content or refusal piece an entry.
 
 Everything received is recorded in ``app[MOCK_STATE]`` (and served at
 ``GET /mock/requests``), with a count of clients that left before their

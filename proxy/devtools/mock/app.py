@@ -11,7 +11,8 @@ from aiohttp import web
 from proxy import tokens
 from proxy.server import LISTEN_BACKLOG
 
-from .chat import chat_completions, completions
+from .chat import chat_completions
+from .completions import completions
 from .control import MockError
 from .embeddings import embeddings
 from .messages import messages

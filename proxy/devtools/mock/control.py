@@ -96,7 +96,8 @@ _BASE = frozenset(
     {"reply", "chunk_chars", "delay_ms", "status", "drop_after", "stall_before_ms", "stall_after", "raw",
      "raw_body", "usage", "ignore_cap"}
 )
-OPENAI_FIELDS = _BASE | {"no_done", "tool_call"}  # chat completions, completions, embeddings
+OPENAI_FIELDS = _BASE | {"no_done", "tool_call"}  # completions, embeddings
+CHAT_FIELDS = OPENAI_FIELDS | {"reasoning", "reasoning_field", "refusal"}
 RESPONSES_FIELDS = _BASE | {"tool_call", "reasoning", "refusal", "error_after", "fail_after", "cached_tokens"}
 # Anthropic always reports usage (its SDK needs it), so ``usage: false`` is not offered there.
 MESSAGES_FIELDS = (_BASE - {"usage"}) | {"tool_call", "thinking", "error_after", "cached_tokens"}
@@ -120,7 +121,8 @@ class MockControl:
     usage: bool = True
     ignore_cap: bool = False
     tool_call: ToolCall | None = None
-    reasoning: str | None = None  # a Responses reasoning summary, or Anthropic's thinking text
+    reasoning: str | None = None  # chat reasoning, a Responses reasoning summary, or Anthropic's thinking
+    reasoning_field: str = "reasoning_content"  # chat: the delta/message field reasoning goes in
     refusal: str | None = None
     error_after: int | None = None
     fail_after: int | None = None
@@ -137,7 +139,7 @@ class MockControl:
         for key, item in value.items():
             param = f"mock.{key}"
             if key not in allowed:
-                known = key in OPENAI_FIELDS | RESPONSES_FIELDS | MESSAGES_FIELDS
+                known = key in CHAT_FIELDS | RESPONSES_FIELDS | MESSAGES_FIELDS
                 raise bad(param, "not supported on this endpoint" if known else f"unknown mock field {key!r}")
             if key in ("reply", "raw_body", "refusal", "reasoning", "thinking"):
                 if not isinstance(item, str):
@@ -167,6 +169,10 @@ class MockControl:
                 if not isinstance(item, list) or not all(isinstance(piece, str) for piece in item):
                     raise bad(param, "must be a list of strings")
                 fields["raw"] = tuple(item)
+            elif key == "reasoning_field":
+                if item not in ("reasoning_content", "reasoning"):
+                    raise bad(param, 'must be "reasoning_content" or "reasoning"')
+                fields[key] = item
             elif key in ("no_done", "usage", "ignore_cap"):
                 if not isinstance(item, bool):
                     raise bad(param, "must be true or false")

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from proxy import tokens
 
-from .chat import model_of
+from .fields import model_of
 from .control import MockControl, bad, is_int
 from .wire import before_answer, pause, read_json, verbatim
 

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from proxy import tokens
 
-from .chat import wants_stream
+from .fields import wants_stream
 from .control import MESSAGES_FIELDS, MockControl, MockError, anthropic_error_body, is_int
 from .plan import Segment, plan_segments, segment_tokens, text_of
 from .state import MOCK_STATE

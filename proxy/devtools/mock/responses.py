@@ -24,7 +24,7 @@ from aiohttp import web
 
 from proxy import tokens
 
-from .chat import model_of, wants_stream
+from .fields import model_of, wants_stream
 from .control import RESPONSES_FIELDS, MockControl, MockError, bad, is_int
 from .plan import Segment, last_user_text, plan_segments, segment_tokens, text_of
 from .state import MOCK_STATE
