@@ -70,7 +70,7 @@ async def stream_pieces(
                 stream.cut()
                 return False
             await stream.send(make_chunk(index, piece))
-            await pacer.sent()
+            pacer.sent()
     if await pacer.end() is not None:
         # Fewer chunks than drop_after: still no final chunk and no [DONE].
         stream.cut()

@@ -192,7 +192,7 @@ async def messages(request: web.Request) -> web.StreamResponse:
                 await emit("error", error=overloaded["error"])
                 return await stream.finish()
             await emit("content_block_delta", index=index, delta={"type": delta_type, field: piece})
-            await pacer.sent()
+            pacer.sent()
         if segment.kind == "reasoning":
             await emit("content_block_delta", index=index,
                        delta={"type": "signature_delta", "signature": _signature(segment.text)})

@@ -230,7 +230,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
             extra = {"logprobs": []} if segment.kind == "text" else {}
             await emit(delta_event, **where, delta=piece, **extra, obfuscation=_OBFUSCATION[: 16 - len(piece) % 16])
             sent += piece
-            await pacer.sent()
+            pacer.sent()
         extra = {"logprobs": []} if segment.kind == "text" else {}
         await emit(done_event, **where, **{done_field: segment.text}, **extra)
         if segment.kind == "reasoning":

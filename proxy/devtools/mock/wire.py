@@ -156,49 +156,45 @@ async def verbatim(
 
 
 class Pacer:
-    """Paces a stream's content deltas and says where the stream must stop.
+    """Paces a stream's deltas and says where the stream must stop.
 
-    ``next()`` is awaited before each delta: it applies ``delay_ms`` and returns
-    None to go on, or the first of "drop", "error", "fail" whose count
-    (``drop_after``, ``error_after``, ``fail_after``) has been reached.
-    ``sent()`` follows each delta (for ``stall_after``). ``end()`` is called
-    after the last delta: a count that was never reached still stops the
-    stream there, before its final events.
+    ``next()`` is awaited before each delta: it pauses for ``stall_after`` once
+    that many deltas are out, applies ``delay_ms``, and returns None to go on,
+    or the first of "drop", "error", "fail" whose count (``drop_after``,
+    ``error_after``, ``fail_after``) has been reached. ``sent()`` follows each
+    delta. ``end()`` is awaited after the last delta: a count that was never
+    reached still stops the stream there, before its final events. Benchmarks
+    stream through the mock, so a delta costs one coroutine and a few compares.
     """
 
     def __init__(self, request: web.Request, control: MockControl, delay_ms: float):
         self.request = request
-        self.control = control
         self.delay_ms = delay_ms
         self.count = 0
-        self._started = False
+        self._stall_at = control.stall_after_chunks
+        self._stall_ms = control.stall_after_ms
+        limits = (("drop", control.drop_after), ("error", control.error_after), ("fail", control.fail_after))
+        self._limits = tuple((kind, limit) for kind, limit in limits if limit is not None)
 
-    def _stop(self, reached: bool) -> str | None:
-        limits = (("drop", self.control.drop_after), ("error", self.control.error_after),
-                  ("fail", self.control.fail_after))
-        for kind, limit in limits:
-            if limit is not None and (not reached or self.count >= limit):
-                return kind
-        return None
+    async def _stall_if_due(self) -> None:
+        if self.count == self._stall_at:
+            self._stall_at = None
+            await pause(self.request, self._stall_ms)
 
     async def next(self) -> str | None:
-        if not self._started:
-            self._started = True
-            if self.control.stall_after_chunks == 0:
-                await pause(self.request, self.control.stall_after_ms)
-        stop = self._stop(reached=True)
-        if stop is None:
+        if self._stall_at is not None:
+            await self._stall_if_due()
+        for kind, limit in self._limits:
+            if self.count >= limit:
+                return kind
+        if self.delay_ms > 0:
             await pause(self.request, self.delay_ms)
-        return stop
+        return None
 
-    async def sent(self) -> None:
+    def sent(self) -> None:
         self.count += 1
-        if self.count == self.control.stall_after_chunks:
-            await pause(self.request, self.control.stall_after_ms)
 
     async def end(self) -> str | None:
-        if not self._started:
-            self._started = True
-            if self.control.stall_after_chunks == 0:
-                await pause(self.request, self.control.stall_after_ms)
-        return self._stop(reached=False)
+        if self._stall_at is not None:
+            await self._stall_if_due()
+        return self._limits[0][0] if self._limits else None
