@@ -12,8 +12,8 @@ from aiohttp import web
 
 from proxy import tokens
 
-from .fields import model_of
 from .control import MockControl, bad, is_int
+from .fields import model_of
 from .wire import before_answer, pause, read_json, verbatim
 
 DEFAULT_EMBEDDING_DIMENSIONS = 8

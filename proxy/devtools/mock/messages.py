@@ -28,13 +28,18 @@ from aiohttp import web
 
 from proxy import tokens
 
-from .fields import wants_stream
 from .control import MESSAGES_FIELDS, MockControl, MockError, anthropic_error_body, is_int
+from .fields import wants_stream
 from .plan import Segment, plan_segments, segment_tokens, text_of
 from .state import MOCK_STATE
 from .wire import EventStream, Pacer, before_answer, no_answer, pause, read_json, verbatim
 
-_DELTAS = {"reasoning": ("thinking_delta", "thinking"), "text": ("text_delta", "text"), "tool": ("input_json_delta", "partial_json")}
+# Per segment kind: the content_block_delta type and the field holding its piece.
+_DELTAS = {
+    "reasoning": ("thinking_delta", "thinking"),
+    "text": ("text_delta", "text"),
+    "tool": ("input_json_delta", "partial_json"),
+}
 
 
 def _invalid(message: str) -> MockError:

@@ -24,8 +24,8 @@ from aiohttp import web
 
 from proxy import tokens
 
-from .fields import model_of, wants_stream
 from .control import RESPONSES_FIELDS, MockControl, MockError, bad, is_int
+from .fields import model_of, wants_stream
 from .plan import Segment, last_user_text, plan_segments, segment_tokens, text_of
 from .state import MOCK_STATE
 from .wire import EventStream, Pacer, before_answer, no_answer, pause, read_json, verbatim
