@@ -22,8 +22,9 @@ from .tokens import SEGMENT_CHARS, _count, encoding_for_model
 # (a contraction, a digit group, a whitespace run that gives its last space
 # to the next word). Everything before them is settled.
 _UNSETTLED_PIECES = 3
-# The tail is settled only once it is this long: a chunk costs one append.
-_SETTLE_AT_CHARS = 512
+# The tail is settled only once it is this long: a chunk costs one append, and an
+# answer shorter than this is never encoded unless the provider reports no usage.
+_SETTLE_AT_CHARS = 8192
 
 _patterns: dict[str, regex.Pattern[str]] = {}
 
@@ -38,7 +39,7 @@ def _pieces_pattern(encoding: tiktoken.Encoding) -> regex.Pattern[str]:
 class StreamingTokenCounter:
     """Tokens of one text that arrives in pieces (one field of one choice)."""
 
-    __slots__ = ("_encoding", "_next_settle", "_pattern", "_settled", "_tail", "chars")
+    __slots__ = ("_encoding", "_next_settle", "_pattern", "_settled", "_tail")
 
     def __init__(self, model: str):
         self._encoding = encoding_for_model(model)
@@ -46,10 +47,8 @@ class StreamingTokenCounter:
         self._settled = 0  # tokens of the text before the tail
         self._tail = ""
         self._next_settle = _SETTLE_AT_CHARS  # doubles while a piece runs on (CJK has no spaces)
-        self.chars = 0  # characters seen in all
 
     def add(self, text: str) -> None:
-        self.chars += len(text)
         self._tail += text
         if len(self._tail) >= self._next_settle:
             self._settle()

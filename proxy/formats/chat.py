@@ -15,7 +15,6 @@ the history, and the tools' descriptions.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 from .. import validation
@@ -24,6 +23,7 @@ from .base import AnswerContext, Moderated, ParsedRequest, TextRef, WireFormat
 from .choices import ChoiceShape, ChoicesRewriter, FieldKey, moderate_choices
 
 TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+_TEXT_SET = frozenset(TEXT_FIELDS)
 _LOGPROB_FIELDS = ("content", "refusal")
 _QUIET = (None, "", [], {})
 # Models that take only ``max_completion_tokens`` (OpenAI's reasoning families).
@@ -34,25 +34,27 @@ class ChatShape(ChoiceShape):
     def holder(self, choice: dict[str, Any], whole: bool) -> Any:
         return choice.get("message" if whole else "delta")
 
-    def fields(self, holder: dict[str, Any]) -> Iterator[tuple[FieldKey, dict[str, Any], str]]:
-        for name in TEXT_FIELDS:
-            value = holder.get(name)
-            if isinstance(value, str) and value:
-                yield name, holder, name
-            elif name == "content" and isinstance(value, list):
-                for i, part in enumerate(value):  # some providers answer with content parts
-                    if isinstance(part, dict) and isinstance(part.get("text"), str) and part["text"]:
-                        yield ("part", i), part, "text"
-        calls = holder.get("tool_calls")
-        if isinstance(calls, list):
-            for position, call in enumerate(calls):
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and isinstance(function.get("arguments"), str) and function["arguments"]:
-                    index = call.get("index", position)
-                    yield ("tool", index if isinstance(index, int) else position), function, "arguments"
-        function_call = holder.get("function_call")
-        if isinstance(function_call, dict) and isinstance(function_call.get("arguments"), str) and function_call["arguments"]:
-            yield "function_call", function_call, "arguments"
+    def fields(self, holder: dict[str, Any]) -> list[tuple[FieldKey, dict[str, Any], str]]:
+        found = []
+        for name, value in holder.items():  # a delta holds a field or two: walk it, not the list of names
+            if name in _TEXT_SET:
+                if value.__class__ is str:
+                    if value:
+                        found.append((name, holder, name))
+                elif name == "content" and isinstance(value, list):
+                    for i, part in enumerate(value):  # some providers answer with content parts
+                        if isinstance(part, dict) and isinstance(part.get("text"), str) and part["text"]:
+                            found.append((("part", i), part, "text"))
+            elif name == "tool_calls" and isinstance(value, list):
+                for position, call in enumerate(value):
+                    function = call.get("function") if isinstance(call, dict) else None
+                    if isinstance(function, dict) and isinstance(function.get("arguments"), str) and function["arguments"]:
+                        index = call.get("index", position)
+                        found.append((("tool", index if isinstance(index, int) else position), function, "arguments"))
+            elif name == "function_call" and isinstance(value, dict):
+                if isinstance(value.get("arguments"), str) and value["arguments"]:
+                    found.append(("function_call", value, "arguments"))
+        return found
 
     def place(self, holder: dict[str, Any], key: FieldKey, text: str) -> None:
         if isinstance(key, str) and key in TEXT_FIELDS:

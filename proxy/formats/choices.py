@@ -25,14 +25,17 @@ knowledge, given as a ``ChoiceShape``; this module only applies the rules:
 from __future__ import annotations
 
 import abc
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable
 from typing import Any
+
+import orjson
 
 from .. import jsonio
 from ..stream.sse import DONE, encode_data
 from ..token_counter import StreamingTokenCounter
 from .base import AnswerContext, End, EventRewriter, Moderated, StreamBroken, Usage, usage_from
 from .logprobs import AlternativesFilter, LogprobsAligner
+from .slot import TextSlot
 
 FieldKey = Hashable
 _ENVELOPE = ("id", "object", "created", "model", "system_fingerprint", "service_tier")
@@ -46,8 +49,8 @@ class ChoiceShape(abc.ABC):
         """The dict holding the choice's fields (chat: ``delta`` or ``message``)."""
 
     @abc.abstractmethod
-    def fields(self, holder: dict[str, Any]) -> Iterator[tuple[FieldKey, dict[str, Any], str]]:
-        """(window key, container, name) of every non-empty text field, in a fixed order."""
+    def fields(self, holder: dict[str, Any]) -> list[tuple[FieldKey, dict[str, Any], str]]:
+        """(window key, container, name) of every non-empty text field, in the holder's order."""
 
     @abc.abstractmethod
     def place(self, holder: dict[str, Any], key: FieldKey, text: str) -> None:
@@ -110,6 +113,7 @@ class _Choices:
         self.alternatives = (
             AlternativesFilter(lambda token: not engine.moderate(token, "output").actions) if engine and logprobs else None
         )
+        self.cap = ctx.cap
         self.choices: dict[int, _Choice] = {}
         self.actions: list[Any] = []
         self.blocked: Any = None
@@ -131,39 +135,49 @@ class _Choices:
             field = state.fields[key] = _Field(window, StreamingTokenCounter(self.ctx.model), self.logprobs)
         return field
 
-    def moderate(self, choice: dict[str, Any], holder: Any, final: bool) -> tuple[bool, dict[FieldKey, list[Any]]]:
-        """Moderate, count and cap one choice's fields in place. Returns (changed, logprobs now due)."""
+    def moderate(self, choice: dict[str, Any], holder: Any, final: bool) -> tuple[bool, bool, dict[FieldKey, list[Any]]]:
+        """Moderate, count and cap one choice's fields in place.
+
+        Returns (changed, it had text, the logprob entries now due).
+        """
         index, state = self.state(choice)
-        entries = self.shape.take_logprobs(choice) if self.logprobs else {}
+        entries = self.shape.take_logprobs(choice) if self.logprobs else None
         due: dict[FieldKey, list[Any]] = {}
         changed = False
-        if isinstance(holder, dict):
-            for key, container, name in list(self.shape.fields(holder)):
-                text = container[name]
-                if state.finished:
-                    if state.capped:
-                        del container[name]  # past the cap: neither sent nor billed
-                        changed = True
-                        continue
-                    if self.engine is not None:
-                        # Its window is closed: moderated alone, this text could complete a match unseen.
-                        raise StreamBroken("The upstream sent more text for a choice that had already finished.")
-                field = self._field(state, key)
-                if self.ctx.cap is not None:
-                    fitted = self._fit(state, field, text)
-                    if fitted != text:
-                        state.capped = True
-                        text = fitted
-                field.counter.add(text)
-                sent = self._feed(field, text, entries.get(key), final, due, key)
-                if sent != container[name]:
-                    container[name] = sent
+        fields = self.shape.fields(holder) if holder.__class__ is dict else ()
+        for key, container, name in fields:
+            text = container[name]
+            if state.finished:
+                if state.capped:
+                    del container[name]  # past the cap: neither sent nor billed
                     changed = True
-                if sent:
-                    self.delivered = True
-                if self.blocked is not None:
-                    break
-        if self.blocked is None and (state.capped or (choice.get("finish_reason") and not state.finished) or final):
+                    continue
+                if self.engine is not None:
+                    # Its window is closed: moderated alone, this text could complete a match unseen.
+                    raise StreamBroken("The upstream sent more text for a choice that had already finished.")
+            field = state.fields.get(key) or self._field(state, key)
+            if self.cap is not None:
+                fitted = self._fit(state, field, text)
+                if fitted != text:
+                    state.capped = True
+                    text = fitted
+            field.counter.add(text)
+            window = field.window
+            if window is not None and field.aligner is None and not final:
+                result = window.feed(text)  # the common case, inlined
+                if result.actions:
+                    self._take(result)
+                sent = result.text
+            else:
+                sent = self._feed(field, text, entries.get(key) if entries else None, final, due, key)
+            if sent != container[name]:
+                container[name] = sent
+                changed = True
+            if sent:
+                self.delivered = True
+            if self.blocked is not None:
+                break
+        if self.blocked is None and (state.capped or final or choice.get("finish_reason") and not state.finished):
             if self.flush(holder, state, due):
                 changed = True
             if state.capped and not state.finished and self.blocked is None:
@@ -175,8 +189,8 @@ class _Choices:
             changed = True
         if due or entries:
             self.shape.put_logprobs(choice, due)
-            changed = changed or bool(entries)
-        return changed, due
+            changed = True
+        return changed, bool(fields), due
 
     def _fit(self, state: _Choice, field: _Field, text: str) -> str:
         """``text``, or as much of it as the answer cap leaves this choice."""
@@ -281,6 +295,12 @@ class ChoicesRewriter(EventRewriter):
         self._envelope: dict[str, Any] | None = None
         self._usage: Usage | None = None
         self._passthrough = self._core.engine is None and ctx.cap is None  # counted, sent as it came
+        self._slot: TextSlot | None = None
+        self._slot_field: tuple[_Choice, _Field] | None = None
+        # How many times a stream may look for a slot: a provider whose chunks differ by more
+        # than the text (a per-chunk nonce, several choices taking turns) gets the general
+        # path after that, without paying for the search at every chunk.
+        self._slot_searches = 0 if logprobs and self._core.logprobs else 4
 
     # -- events ---------------------------------------------------------------
 
@@ -292,11 +312,18 @@ class ChoicesRewriter(EventRewriter):
             out = self._flush_all()
             self.end = self._ended()
             return out + DONE
+        slot = self._slot
+        if slot is not None:
+            text = slot.text_of(data)
+            if text is not None:
+                out = self._in_slot(slot, data, text)
+                if out is not None:
+                    return out
         try:
-            chunk = jsonio.loads(data)
-        except (ValueError, RecursionError):
-            raise StreamBroken("The upstream sent an event that is not valid JSON.") from None
-        if not isinstance(chunk, dict):
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            chunk = self._loads(data)
+        if chunk.__class__ is not dict:
             raise StreamBroken("The upstream sent an event that is not a JSON object.")
         if "error" in chunk:
             error = chunk["error"]
@@ -306,6 +333,94 @@ class ChoicesRewriter(EventRewriter):
             )
         if self._envelope is None:
             self._envelope = {name: chunk[name] for name in _ENVELOPE if name in chunk}
+        if "usage" in chunk or "x_groq" in chunk:
+            self._take_usage(chunk)
+        choices = chunk.get("choices")
+        if not isinstance(choices, list) or not choices:
+            if choices == [] and "usage" in chunk and not self._ctx.client_wants_usage:
+                return b""  # the usage chunk the gateway asked for, not the client
+            return encode_data(data.encode())
+        if self._passthrough:
+            self._count_only(choices)
+            out = encode_data(data.encode())
+        else:
+            out = self._rewrite(data, chunk, choices)
+        if self._slot_searches and self.end is None and len(choices) == 1:
+            self._find_slot(data, choices[0], chunk)
+        return out
+
+    # -- the slot: chunks shaped like the last plain one -------------------------
+
+    def _find_slot(self, data: str, choice: Any, chunk: dict[str, Any]) -> None:
+        """After a plain text chunk (one choice, one text field, nothing to finish), remember its shape."""
+        core = self._core
+        if not isinstance(choice, dict) or choice.get("finish_reason") or "usage" in chunk:
+            return
+        self._slot_searches -= 1
+        original = orjson.loads(data)["choices"][0]  # the text as it came, before the window
+        holder = self._shape.holder(original, False)
+        fields = self._shape.fields(holder) if isinstance(holder, dict) else []
+        if len(fields) != 1 or fields[0][1] is not holder or fields[0][2] != fields[0][0]:
+            return  # only a text field of the holder itself (not a tool call's arguments)
+        key = text_name = fields[0][0]
+        text = holder[text_name]
+        index, state = core.state(choice)
+        field = state.fields.get(key)
+        if field is None or state.finished:
+            return
+        others = {name: value for name, value in holder.items() if name != key}
+        shape = self._shape
+
+        def locate(parsed: Any) -> Any:
+            return shape.holder(parsed["choices"][0], False)[key]
+
+        found = TextSlot.find(data, text, key, shape.shows(others), locate)
+        if found is not None:
+            self._slot, self._slot_field = found, (state, field)
+
+    def _in_slot(self, slot: TextSlot, data: str, text: str) -> bytes | None:
+        """What the general path would send for a chunk of the slot's shape, from its text alone
+        (None: let the general path take it)."""
+        assert self._slot_field is not None
+        state, field = self._slot_field
+        core = self._core
+        if state.finished or core.cap is not None and core._fit(state, field, text) != text:
+            return None
+        field.counter.add(text)
+        window = field.window
+        if window is None:
+            if text:
+                core.delivered = self.delivered_text = True
+            return encode_data(data.encode())
+        result = window.feed(text)
+        if result.actions:
+            core._take(result)
+        sent = result.text
+        if sent:
+            core.delivered = self.delivered_text = True
+        if core.blocked is not None:
+            # Rare enough to take the long way: the chunk parsed, ended as the general path ends a block.
+            chunk = orjson.loads(data)
+            choice = chunk["choices"][0]
+            holder = self._shape.holder(choice, False)
+            holder[slot.key] = sent
+            core.end_choice(choice, holder, state, "content_filter", {})
+            self.end = End("blocked")
+            return encode_data(jsonio.dumps(chunk)) + self._end_others("content_filter") + DONE
+        if sent == text:
+            return encode_data(data.encode())
+        if not sent and not slot.keep_when_held:
+            return b""
+        return encode_data(slot.chunk_with(sent))
+
+    @staticmethod
+    def _loads(data: str) -> Any:
+        try:
+            return jsonio.loads(data)  # what only the standard library reads (a lone surrogate, NaN)
+        except (ValueError, RecursionError):
+            raise StreamBroken("The upstream sent an event that is not valid JSON.") from None
+
+    def _take_usage(self, chunk: dict[str, Any]) -> None:
         usage = usage_from(chunk.get("usage"), "prompt_tokens", "completion_tokens")
         groq = chunk.get("x_groq")
         if usage is None and isinstance(groq, dict):
@@ -317,15 +432,6 @@ class ChoicesRewriter(EventRewriter):
                 usage.prompt if usage.prompt is not None else (prior.prompt if prior else None),
                 usage.completion if usage.completion is not None else (prior.completion if prior else None),
             )
-        choices = chunk.get("choices")
-        if not isinstance(choices, list) or not choices:
-            if choices == [] and "usage" in chunk and not self._ctx.client_wants_usage:
-                return b""  # the usage chunk the gateway asked for, not the client
-            return encode_data(data.encode())
-        if self._passthrough:
-            self._count_only(choices)
-            return encode_data(data.encode())
-        return self._rewrite(data, chunk, choices)
 
     def _count_only(self, choices: list[Any]) -> None:
         core = self._core
@@ -356,8 +462,7 @@ class ChoicesRewriter(EventRewriter):
                 changed = True
                 continue  # cut at the answer cap: nothing more of it is sent
             holder = self._shape.holder(choice, False)
-            had_text = isinstance(holder, dict) and any(True for _ in self._shape.fields(holder))
-            choice_changed, due = core.moderate(choice, holder, final=False)
+            choice_changed, had_text, due = core.moderate(choice, holder, final=False)
             changed = changed or choice_changed
             if (
                 choice_changed
@@ -469,7 +574,7 @@ def moderate_choices(shape: ChoiceShape, document: dict[str, Any], ctx: AnswerCo
         if not isinstance(choice, dict):
             continue
         holder = shape.holder(choice, True)
-        choice_changed, _ = core.moderate(choice, holder, final=True)
+        choice_changed, _, _ = core.moderate(choice, holder, final=True)
         changed = changed or choice_changed
         if core.blocked is not None:
             core.blocked = None  # a block ends its own choice; the others are moderated on their own

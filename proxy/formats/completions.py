@@ -7,7 +7,6 @@ read here as one entry per token so they can follow their text.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 from .. import validation
@@ -24,10 +23,9 @@ class CompletionShape(ChoiceShape):
     def holder(self, choice: dict[str, Any], whole: bool) -> Any:
         return choice
 
-    def fields(self, holder: dict[str, Any]) -> Iterator[tuple[FieldKey, dict[str, Any], str]]:
+    def fields(self, holder: dict[str, Any]) -> list[tuple[FieldKey, dict[str, Any], str]]:
         text = holder.get("text")
-        if isinstance(text, str) and text:
-            yield "text", holder, "text"
+        return [("text", holder, "text")] if text.__class__ is str and text else []
 
     def place(self, holder: dict[str, Any], key: FieldKey, text: str) -> None:
         holder["text"] = (holder.get("text") or "") + text

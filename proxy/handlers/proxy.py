@@ -64,7 +64,11 @@ def proxy_handler(fmt: WireFormat) -> Callable[[web.Request], Any]:
             fields: dict[str, Any] = {}
             if reservation is not None and requested and limits_tokens(caller):
                 cap = max(1, reservation.max_tokens // parsed.n)
-                fmt.check_cap(cap)
+                try:
+                    fmt.check_cap(cap)
+                except GatewayError:
+                    record.prompt_tokens = 0  # refused before anything went upstream
+                    raise
                 fields = fmt.cap_fields(parsed, cap)
             if parsed.stream:
                 fields = {**fields, **fmt.stream_fields(parsed)}

@@ -61,6 +61,15 @@ class StreamPipeline:
             if self.end is None:
                 out += self._fail(f"The upstream sent an event larger than the limit ({exc}).", "upstream_error")
             return out, self.end
+        if len(events) == 1:  # the usual read: one event, without the loop
+            rewriter = self.rewriter
+            try:
+                out = rewriter.event(events[0])
+            except StreamBroken as exc:
+                return self._fail(str(exc), "upstream_error"), self.end
+            if rewriter.end is not None:
+                self._take_end()
+            return out, self.end
         return self._events(events), self.end
 
     def upstream_closed(self) -> tuple[bytes, StreamEnd]:
