@@ -287,3 +287,19 @@ def test_any_delta_split_moderates_like_the_whole_text(text, size):
     raw, end = feed(pipeline(), data)
     assert block_texts(raw).get(0, "") == whole.text
     assert end.kind == ("blocked" if whole.blocked else "done")
+
+
+def test_text_that_comes_in_content_block_start_goes_through_the_window():
+    data = message_start() + block_start(0, {"type": "text", "text": "mail bob@example.com"})
+    data += delta(0, "text_delta", "text", " now") + block_stop(0) + message_end()
+    raw, end = feed(pipeline(), data)
+    events = frames(raw)
+    assert end.kind == "done" and b"bob@" not in raw
+    assert events[1][1]["content_block"] == {"type": "text", "text": ""}
+    assert block_texts(raw) == {0: "mail [REDACTED:email] now"}
+
+
+def test_a_delta_for_a_block_never_started_is_an_api_error():
+    raw, end = feed(pipeline(), message_start() + delta(3, "text_delta", "text", "stray") + message_end())
+    assert end.kind == "upstream_error" and frames(raw)[-1][1]["error"]["type"] == "api_error"
+    assert b"stray" not in raw

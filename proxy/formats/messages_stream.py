@@ -217,18 +217,21 @@ class MessagesRewriter(EventRewriter):
 
     def _flush(self, index: int, block: _Block) -> bytes:
         """What the block's window holds, as one more delta; a block found there ends the answer."""
+        out, blocked = self._release_held(index, block)
+        return out + self._finish("refusal", End("blocked")) if blocked else out
+
+    def _release_held(self, index: int, block: _Block) -> tuple[bytes, bool]:
+        """The block's window finished: its held text as a delta, and whether a block was found in it."""
         window = block.window
         if window is None or window.finished:
-            return b""
+            return b"", False
         result = window.finish()
         self.actions.extend(result.actions)
         out = b""
         if result.text:
             self.delivered_text = True
             out = self._delta_frame(index, {"type": block.delta_type, TEXT_DELTAS[block.delta_type]: result.text})
-        if result.blocked is not None:
-            out += self._finish("refusal", End("blocked"))
-        return out
+        return out, result.blocked is not None
 
     def _delta_frame(self, index: int, delta: dict[str, Any]) -> bytes:
         return event_frame({"type": "content_block_delta", "index": index, "delta": delta})
@@ -258,14 +261,10 @@ class MessagesRewriter(EventRewriter):
         for index, block in self._blocks.items():
             if not block.open:
                 continue
-            window = block.window
-            if stop_reason == "max_tokens" and window is not None and not window.finished:
-                result = window.finish()
-                self.actions.extend(result.actions)
-                if result.text:
-                    self.delivered_text = True
-                    out += self._delta_frame(index, {"type": block.delta_type, TEXT_DELTAS[block.delta_type]: result.text})
-                if result.blocked is not None:
+            if stop_reason == "max_tokens":
+                held, blocked = self._release_held(index, block)
+                out += held
+                if blocked:
                     stop_reason, self.end = "refusal", End("blocked")
             block.open = False
             out += event_frame({"type": "content_block_stop", "index": index})
