@@ -243,6 +243,16 @@ async def test_gateway_errors_are_the_sdks_exception_classes(gw):
     assert status == 401 and json.loads(raw)["error"]["type"] == "authentication_error"
 
 
+async def test_a_claude_model_on_an_openai_endpoint_is_a_400(gw, mock_upstream):
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=gw.v1, api_key=ALICE, max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.chat.completions.create(model=MODEL, messages=user("hi"))
+    assert caught.value.body["param"] == "model" and MODEL in caught.value.body["message"]
+    assert mock_upstream.state.requests == []
+
+
 async def test_a_body_too_large_is_anthropics_request_too_large(mock_upstream, start_gateway):
     cfg = config(mock_upstream.url)
     cfg["server"]["max_body_bytes"] = 200
