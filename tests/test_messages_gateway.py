@@ -118,7 +118,7 @@ async def test_whole_streamed_and_helper_answers_read_by_the_sdk(gw):
 @pytest.mark.parametrize("size", [1, 3, 7])
 async def test_redaction_and_block_mid_stream_in_the_raw_bytes(gw, mock_upstream, size):
     body = {"model": MODEL, "max_tokens": 300, "messages": user("x"), "stream": True,
-            "mock": {"reply": SECRET_REPLY, "chunk_chars": size, "delay_ms": 5}}
+            "mock": {"reply": SECRET_REPLY, "chunk_chars": size, "delay_ms": 20}}
     status, headers, raw = await post(gw, body)
     assert status == 200 and headers["content-type"].startswith("text/event-stream")
     events = frames(raw)
