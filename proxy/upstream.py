@@ -21,9 +21,13 @@ from .circuit import CircuitBreaker
 from .config import UpstreamConfig
 from .errors import GatewayError, UpstreamFailure
 
-# Request headers a client may send on to the provider; everything else
-# (Authorization above all, hop-by-hop headers, cookies) stays at the gateway.
-FORWARDED_REQUEST_HEADERS = ("accept", "user-agent", "openai-beta")
+# Request headers a client may send on to the provider, per upstream ``api``; everything
+# else (Authorization and x-api-key above all, hop-by-hop headers, cookies) stays at the gateway.
+FORWARDED_REQUEST_HEADERS = {
+    "openai": ("accept", "user-agent", "openai-beta"),
+    # The Messages API wants the client's anthropic-version, and anthropic-beta opts into features.
+    "anthropic": ("accept", "user-agent", "anthropic-version", "anthropic-beta"),
+}
 # Response headers a provider may send back to the client.
 FORWARDED_RESPONSE_HEADERS = (
     "content-type",
@@ -87,12 +91,16 @@ class Upstream:
             self._session = None
 
     def request_headers(self, client_headers: Mapping[str, str], request_id: str) -> dict[str, str]:
-        headers = {name: client_headers[name] for name in FORWARDED_REQUEST_HEADERS if name in client_headers}
+        forwarded = FORWARDED_REQUEST_HEADERS[self.config.api]
+        headers = {name: client_headers[name] for name in forwarded if name in client_headers}
         headers["content-type"] = "application/json"
         headers["accept-encoding"] = "identity"
         headers["x-request-id"] = request_id
         if self._api_key:
-            headers["authorization"] = f"Bearer {self._api_key}"
+            if self.config.api == "anthropic":
+                headers["x-api-key"] = self._api_key  # Anthropic's header for the key
+            else:
+                headers["authorization"] = f"Bearer {self._api_key}"
         return headers
 
     async def post(self, path: str, body: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:

@@ -48,7 +48,8 @@ def test_hash_key_prints_the_sha256():
 def test_check_config_accepts_the_shipped_configs():
     for name in ("config/demo.yaml", "config/example.yaml"):
         # demo.yaml's Anthropic upstream names the key `sluice demo` sets for itself.
-        result = sluice("check-config", name, env={"OPENAI_API_KEY": "sk-x", "SLUICE_DEMO_UPSTREAM_KEY": "sk-y"})
+        env = {"OPENAI_API_KEY": "sk-x", "ANTHROPIC_API_KEY": "sk-z", "SLUICE_DEMO_UPSTREAM_KEY": "sk-y"}
+        result = sluice("check-config", name, env=env)
         assert result.returncode == 0, result.stderr
 
 
