@@ -15,10 +15,8 @@ from typing import Any, TypeVar
 from .accounting import StoreUnavailable, UsageReport, format_usage_table, open_store
 from .auth import hash_key
 from .config import CONFIG_PATH_ENV, ConfigError, Settings, load_settings
-from .demo import run_demo
 from .gateway import Runtime
 from .logs import configure_logging
-from .mock_upstream import run_mock_upstream
 from .app import serve
 
 T = TypeVar("T")
@@ -136,6 +134,8 @@ async def _read_usage(settings: Settings, team: str | None) -> UsageReport:
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
+    from .devtools.mock import run_mock_upstream  # here, not at the top: `sluice serve` never loads the mock
+
     print(f"mock upstream on http://{args.host}:{args.port}/v1 (delay {args.delay_ms} ms per chunk)", flush=True)
     try:
         run_event_loop(run_mock_upstream(args.host, args.port, args.delay_ms))
@@ -148,6 +148,8 @@ def cmd_mock_upstream(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from .devtools.demo import run_demo  # here, not at the top: `sluice serve` never loads the mock
+
     try:
         return run_event_loop(run_demo(args.port, args.delay_ms))
     except KeyboardInterrupt:
@@ -169,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--delay-ms", type=float, default=40.0, help="the mock model's delay per chunk")
     demo.set_defaults(run=cmd_demo)
 
-    mock = commands.add_parser("mock-upstream", help="an OpenAI-compatible fake model that streams its answer")
+    mock = commands.add_parser("mock-upstream", help="a fake model (OpenAI and Anthropic APIs) that streams its answer")
     mock.add_argument("--host", default="127.0.0.1")
     mock.add_argument("--port", type=int, default=9000)
     mock.add_argument("--delay-ms", type=float, default=20.0, help="delay per streamed chunk")

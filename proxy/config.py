@@ -63,7 +63,11 @@ class ServerConfig(_Strict):
 
 class UpstreamConfig(_Strict):
     name: str = Field(min_length=1)
-    api: Literal["openai", "anthropic"] = "openai"  # the wire format it speaks
+    # The wire format this upstream speaks: "openai" (Chat Completions, Completions,
+    # Embeddings, Responses) or "anthropic" (the Messages API, posted to
+    # {base_url}/messages with the key as x-api-key). A request of the other
+    # format routed here is refused, never translated.
+    api: Literal["openai", "anthropic"] = "openai"
     base_url: str
     api_key_env: str | None = None
     models: list[str] = Field(min_length=1)

@@ -14,7 +14,7 @@ pytest_plugins = ["tests.conftest_redis"]
 
 from proxy.auth import hash_key
 from proxy.config import load_settings
-from proxy.mock_upstream import MOCK_STATE, create_mock_app
+from proxy.devtools.mock import MOCK_STATE, create_mock_app
 from proxy.app import LISTEN_BACKLOG, GatewayServer
 
 ALICE = "sk-test-alice-0123456789"  # team research: every model

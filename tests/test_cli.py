@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import aiohttp
 import yaml
 
 from conftest import ALICE, UPSTREAM_KEY, free_port, gateway_config
+from proxy.config import load_settings
+from proxy.devtools.demo import banner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,7 +47,8 @@ def test_hash_key_prints_the_sha256():
 
 def test_check_config_accepts_the_shipped_configs():
     for name in ("config/demo.yaml", "config/example.yaml"):
-        result = sluice("check-config", name, env={"OPENAI_API_KEY": "sk-x"})
+        # demo.yaml's Anthropic upstream names the key `sluice demo` sets for itself.
+        result = sluice("check-config", name, env={"OPENAI_API_KEY": "sk-x", "SLUICE_DEMO_UPSTREAM_KEY": "sk-y"})
         assert result.returncode == 0, result.stderr
 
 
@@ -161,6 +165,11 @@ async def test_sigterm_drains_streams_then_exits_zero(tmp_path, mock_upstream):
             await process.wait()
 
 
+def _curl_blocks(text: str) -> list[str]:
+    """Each printed curl command, its continuation lines joined."""
+    return [block.strip().replace("\\\n", " ") for block in text.split("\n\n") if block.strip().startswith("curl -N")]
+
+
 async def test_demo_prints_a_key_and_a_curl_line_that_streams(tmp_path):
     port = free_port()
     process = await asyncio.create_subprocess_exec(
@@ -170,16 +179,43 @@ async def test_demo_prints_a_key_and_a_curl_line_that_streams(tmp_path):
     try:
         await _wait_until_up(f"http://127.0.0.1:{port}", process)
         banner = b""
-        while b"curl -N" not in banner:
+        while b"Press Ctrl-C" not in banner:
             banner += await asyncio.wait_for(process.stdout.readline(), 10)
-        banner += b"".join([await asyncio.wait_for(process.stdout.readline(), 10) for _ in range(3)])
         text = banner.decode()
         assert "Demo key: sk-sluice-demo" in text
-        command = text[text.index("curl -N") :].split("\n\n")[0].replace("\\\n", " ")
-        curl = await asyncio.create_subprocess_shell(command, stdout=asyncio.subprocess.PIPE)
+        commands = _curl_blocks(text)
+        paths = [shlex.split(command)[2].removeprefix(f"http://127.0.0.1:{port}") for command in commands]
+        assert paths == ["/v1/chat/completions", "/v1/responses", "/v1/messages"]
+        curl = await asyncio.create_subprocess_shell(commands[0], stdout=asyncio.subprocess.PIPE)
         streamed = (await asyncio.wait_for(curl.communicate(), 20))[0].decode()
         assert streamed.rstrip().endswith("data: [DONE]")
         assert "jane@example.com" not in streamed  # the demo's moderation redacts the address
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 15) == 0
+
+
+async def test_the_demos_curl_lines_speak_each_api_to_the_mock(mock_upstream):
+    # Straight to the mock, not through the gateway: each printed request is one the
+    # mock's side of that API answers (the gateway in between is the gateway's tests' job).
+    text = banner("http://demo.invalid", Path("config/demo.yaml"))
+    for command in _curl_blocks(text):
+        words = shlex.split(command)
+        url = words[2].replace("http://demo.invalid/v1", mock_upstream.url)
+        headers = dict(words[i + 1].split(": ", 1) for i, word in enumerate(words) if word == "-H")
+        body = json.loads(words[words.index("-d") + 1])
+        async with aiohttp.ClientSession() as http:
+            async with http.post(url, json=body, headers=headers) as response:
+                assert response.status == 200, await response.text()
+                streamed = (await response.read()).decode()
+        assert "jane@example.com" in streamed  # echoed back (no gateway, no redaction)
+    assert len(mock_upstream.state.requests) == 3
+
+
+def test_the_demo_routes_claude_models_to_an_anthropic_upstream(monkeypatch):
+    monkeypatch.setenv("SLUICE_DEMO_UPSTREAM_KEY", "sk-y")
+    upstreams = load_settings(ROOT / "config/demo.yaml").upstreams
+    assert [(u.api, u.models) for u in upstreams if any(m.startswith("claude") for m in u.models)] == [
+        ("anthropic", ["claude-*"])
+    ]
+    assert all(u.api == "openai" for u in upstreams if "gpt-4o-mini" in u.models)

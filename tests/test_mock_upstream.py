@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -16,15 +18,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proxy import tokens
-from proxy.mock_upstream import (
+from proxy.devtools.mock import (
     MOCK_MODELS,
     MOCK_STATE,
     MockControl,
     MockState,
-    _plan_answer,
     create_mock_app,
+    plan_answer,
     run_mock_upstream,
 )
+from proxy.devtools.mock.plan import plan_segments, segment_tokens
 
 USER_TEXT = "The quick brown fox jumps over the lazy dog."
 MESSAGES = [
@@ -192,11 +195,98 @@ async def test_max_tokens_truncates_with_finish_reason_length(client):
     assert chunks[-1].usage.completion_tokens == 3
 
 
+@pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
+async def test_reasoning_streams_before_the_content_in_either_spelling(client, field):
+    steer = {"mock": {"reasoning": "Think of the fox.", "reasoning_field": field}}
+    if field == "reasoning_content":
+        del steer["mock"]["reasoning_field"]  # the default spelling (DeepSeek's)
+    stream = await client.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, stream=True, stream_options={"include_usage": True}, extra_body=steer
+    )
+    deltas = [c.to_dict()["choices"][0]["delta"] async for c in stream if c.choices]
+    kinds = [next(iter(k for k in d if k in (field, "content")), None) for d in deltas[1:-1]]
+    assert kinds == [field] * 4 + ["content"] * len(USER_TEXT.split())
+    assert "".join(d.get(field, "") for d in deltas) == "Think of the fox."
+    assert "".join(d.get("content") or "" for d in deltas) == USER_TEXT
+
+    whole = (await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, extra_body=steer)).to_dict()
+    assert whole["choices"][0]["message"][field] == "Think of the fox."
+    thought = tokens.count_text("gpt-4o", "Think of the fox.")
+    assert whole["usage"]["completion_tokens"] == thought + tokens.count_text("gpt-4o", USER_TEXT)
+    assert whole["usage"]["completion_tokens_details"]["reasoning_tokens"] == thought
+
+
+async def test_reasoning_counts_against_max_tokens(client):
+    steer = {"mock": {"reasoning": "one two three four five six seven eight"}}
+    whole = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, max_tokens=3, extra_body=steer)
+    choice = whole.choices[0]
+    assert choice.finish_reason == "length" and choice.message.content == ""
+    assert whole.to_dict()["choices"][0]["message"]["reasoning_content"] == "one two three"
+
+
+async def test_a_refusal_streams_in_the_refusal_field(client):
+    steer = {"mock": {"refusal": "I can't help with that."}}
+    stream = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True, extra_body=steer)
+    chunks = [c async for c in stream]
+    assert "".join(c.choices[0].delta.refusal or "" for c in chunks) == "I can't help with that."
+    assert all(c.choices[0].delta.content is None for c in chunks)
+    whole = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, extra_body=steer)
+    assert whole.choices[0].message.refusal == "I can't help with that." and whole.choices[0].message.content is None
+
+
+async def test_logprobs_give_every_piece_its_entry(client):
+    stream = await client.chat.completions.create(
+        model="gpt-4o", messages=MESSAGES, stream=True, logprobs=True, top_logprobs=2
+    )
+    entries = [c.choices[0].logprobs.content for c in stream_chunks(await collect(stream)) if c.choices[0].delta.content]
+    assert all(len(e) == 1 for e in entries)
+    assert "".join(e[0].token for e in entries) == USER_TEXT
+    assert all(bytes(e[0].bytes).decode() == e[0].token and len(e[0].top_logprobs) == 2 for e in entries)
+    whole = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, logprobs=True)
+    assert "".join(e.token for e in whole.choices[0].logprobs.content) == USER_TEXT
+    plain = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert plain.choices[0].logprobs is None
+
+
+async def collect(stream):
+    return [chunk async for chunk in stream]
+
+
+def stream_chunks(chunks):
+    return [c for c in chunks if c.choices]
+
+
 @given(text=st.text(max_size=60), chunk_chars=st.none() | st.integers(min_value=1, max_value=7))
 def test_stream_pieces_always_rebuild_the_reply(text, chunk_chars):
-    answer = _plan_answer("gpt-4o", text, None, MockControl(chunk_chars=chunk_chars), "stop")
+    answer = plan_answer("gpt-4o", text, None, MockControl(chunk_chars=chunk_chars), "stop")
     assert "".join(answer.pieces) == text
     assert all(answer.pieces)
+
+
+_SEGMENT = st.tuples(st.sampled_from(["reasoning", "text", "refusal", "tool"]), st.text(max_size=40))
+
+
+@given(
+    wanted=st.lists(_SEGMENT, min_size=1, max_size=3),
+    cap=st.none() | st.integers(min_value=0, max_value=30),
+    chunk_chars=st.none() | st.integers(min_value=1, max_value=7),
+)
+def test_planned_segments_fit_the_cap_and_rebuild_their_text(wanted, cap, chunk_chars):
+    control = MockControl(chunk_chars=chunk_chars)
+    segments, cut = plan_segments("gpt-4o", wanted, cap, control, tool_name="f")
+    assert len(segments) <= len(wanted)
+    for segment, (kind, text) in zip(segments, wanted):
+        assert segment.kind == kind and "".join(segment.pieces) == segment.text and all(segment.pieces)
+        whole = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        assert whole.startswith(segment.text) and (segment.text == whole) != segment.cut
+        assert kind != "tool" or not segment.cut  # a tool call is all or nothing
+    spent = sum(segment_tokens("gpt-4o", s, "f") for s in segments)
+    if cap is None:
+        assert not cut and len(segments) == len(wanted)
+    else:
+        assert spent <= cap
+        assert cut == (len(segments) < len(wanted) or any(s.cut for s in segments))
+    assert plan_segments("gpt-4o", wanted, cap, MockControl(chunk_chars=chunk_chars, ignore_cap=True))[1] is False
 
 
 # --- non-streamed -----------------------------------------------------------
@@ -305,6 +395,11 @@ async def test_status_429_is_a_rate_limit_error(client):
          "mock.replay"),
         ("chat/completions", json.dumps({"model": "gpt-4o", "messages": MESSAGES, "mock": {"drop_after": "1"}}).encode(),
          "mock.drop_after"),
+        ("chat/completions", json.dumps({"model": "gpt-4o", "messages": MESSAGES, "mock": {"reasoning_field": "x"}}).encode(),
+         "mock.reasoning_field"),
+        ("chat/completions", json.dumps({"model": "gpt-4o", "messages": MESSAGES, "top_logprobs": 2}).encode(),
+         "top_logprobs"),
+        ("completions", json.dumps({"model": "gpt-4o", "prompt": "x", "mock": {"refusal": "no"}}).encode(), "mock.refusal"),
         ("completions", json.dumps({"model": "gpt-4o"}).encode(), "prompt"),
         ("embeddings", json.dumps({"model": "gpt-4o", "input": []}).encode(), "input"),
     ],
@@ -480,3 +575,14 @@ async def test_run_mock_upstream_serves_until_cancelled():
         server.cancel()
         with pytest.raises(asyncio.CancelledError):
             await server
+
+
+def test_the_gateway_never_imports_the_mock():
+    # `sluice serve` loads proxy.cli and the server; the mock and the demo stay out of that process.
+    code = (
+        "import sys, proxy.cli, proxy.app; "
+        "loaded = sorted(m for m in sys.modules if m.startswith('proxy.devtools')); "
+        "print(loaded); sys.exit(1 if loaded else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr

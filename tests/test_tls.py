@@ -10,7 +10,7 @@ import pytest
 from aiohttp import web
 
 from conftest import ALICE, free_port, gateway_config
-from proxy.mock_upstream import create_mock_app
+from proxy.devtools.mock import create_mock_app
 
 
 def make_ca_and_server_cert(directory):
