@@ -7,11 +7,13 @@ from .base import AnswerContext, EventRewriter, Moderated, ParsedRequest, Stream
 from .chat import ChatFormat
 from .completions import CompletionsFormat
 from .embeddings import EmbeddingsFormat
+from .responses import ResponsesFormat
 
 FORMATS: dict[str, WireFormat] = {
     "/v1/chat/completions": ChatFormat(),
     "/v1/completions": CompletionsFormat(),
     "/v1/embeddings": EmbeddingsFormat(),
+    "/v1/responses": ResponsesFormat(),
 }
 
 __all__ = [
