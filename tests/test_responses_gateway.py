@@ -235,3 +235,21 @@ async def test_an_upstream_that_ignores_the_cap_is_cut_by_the_gateway(mock_upstr
     assert final["type"] == "response.incomplete"
     assert final["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
     assert count_text(MODEL, deltas(bodies)) <= cap
+
+
+async def test_an_abandoned_stream_is_still_recorded(mock_upstream, start_gateway):
+    gw = await start_gateway(gateway_config(mock_upstream.url))
+    words = " ".join(f"w{i}" for i in range(200))
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(gw.v1 + "/responses", json={"model": MODEL, "input": words, "stream": True, **mock(delay_ms=20)},
+                                  headers={"Authorization": f"Bearer {ALICE}"})
+        received = b""
+        while b"response.output_text.delta" not in received:
+            received += await resp.content.readany()
+        resp.close()  # the client goes away mid-answer
+    assert await mock_upstream.state.wait_for_disconnect(timeout=1.0)
+    await gw.server.gateway.quotas.drain()
+    totals = (await gw.server.gateway.quotas.store.usage(now=time.time())).to_dict("day")["keys"]["alice"]
+    assert totals["requests"] == 1
+    assert 1 <= totals["completion_tokens"] < count_text(MODEL, words)
+    assert totals["prompt_tokens"] == count_chat_prompt(MODEL, [{"role": "user", "content": words}])
