@@ -108,7 +108,7 @@ def sse(events):
     out = b""
     for number, event in enumerate(events):
         body = event if isinstance(event, str) else json.dumps({**event, "sequence_number": number}, separators=(",", ":"))
-        name = event["type"] if isinstance(event, dict) else "message"
+        name = event.get("type", "message") if isinstance(event, dict) else "message"
         out += f"event: {name}\ndata: {body}\n\n".encode()
     return out
 
@@ -375,3 +375,24 @@ def test_whole_answer_is_cut_at_the_first_block():
     assert body["output"][1]["status"] == "incomplete"
     assert moderated.usage == (9, 30)
     assert [a.rule for a in moderated.actions] == ["email", "banned"]
+
+
+@pytest.mark.parametrize("bad", [
+    {"type": "response.output_text.delta", "item_id": "it_0", "content_index": 0, "delta": "no output index"},
+    {"type": "response.output_text.delta", "output_index": 0, "content_index": 0, "delta": ["not", "text"]},
+    {"type": "response.output_item.added", "output_index": 1},
+    {"type": ["a", "list"], "output_index": 0},
+    {"error": {"message": "chat-style error"}},
+])
+def test_what_cannot_be_relayed_ends_in_an_error_event(bad):
+    events = events_of([("text", "hi there")], 3, terminal=None)[:-3] + [bad]
+    out, end = feed(pipeline(), sse(events))
+    assert end.kind == "upstream_error"
+    bodies = sent_events(out)
+    assert bodies[-1]["type"] == "error" and bodies[-1]["code"] == "upstream_error"
+
+
+def test_an_event_without_an_event_line_gets_one_named_by_its_type():
+    data = sse(events_of([("text", "hello")], 2)).replace(b"event: response.output_text.delta\n", b"")
+    bodies = sent_events(feed(pipeline(), data)[0])  # checks every event line against the type
+    assert deltas_of(bodies, "response.output_text.delta") == "hello"

@@ -33,52 +33,21 @@ from ..stream.sse import encode_data
 from .base import AnswerContext, End, EventRewriter, StreamBroken, Usage, usage_from
 from .responses_output import (
     CONTENT_FILTER,
+    DELTA_OF_ITEM,
+    DELTA_OF_PART,
+    DELTAS,
+    DONES,
+    LIFECYCLE,
     MAX_OUTPUT_TOKENS,
+    PARTS,
+    TERMINAL,
     Key,
     OutputTexts,
+    is_index,
     item_texts,
     part_text_name,
     settle_output,
 )
-
-# delta event -> (field kind, its index field, done event, the done event's text field)
-_DELTAS = {
-    "response.output_text.delta": ("content", "content_index", "response.output_text.done", "text"),
-    "response.refusal.delta": ("content", "content_index", "response.refusal.done", "refusal"),
-    "response.reasoning_text.delta": ("content", "content_index", "response.reasoning_text.done", "text"),
-    "response.reasoning_summary_text.delta": (
-        "summary",
-        "summary_index",
-        "response.reasoning_summary_text.done",
-        "text",
-    ),
-    "response.function_call_arguments.delta": ("arguments", None, "response.function_call_arguments.done", "arguments"),
-    "response.custom_tool_call_input.delta": ("input", None, "response.custom_tool_call_input.done", "input"),
-    "response.mcp_call_arguments.delta": ("arguments", None, "response.mcp_call_arguments.done", "arguments"),
-}
-_DONES = {done: (kind, index, name, delta) for delta, (kind, index, done, name) in _DELTAS.items()}
-# part event -> (field kind, its index field, the part's list in the item)
-_PARTS = {
-    "response.content_part.added": ("content", "content_index", "content"),
-    "response.content_part.done": ("content", "content_index", "content"),
-    "response.reasoning_summary_part.added": ("summary", "summary_index", "summary"),
-    "response.reasoning_summary_part.done": ("summary", "summary_index", "summary"),
-}
-# The delta event of a field, known from its part's or its item's type.
-_DELTA_OF_PART = {
-    "output_text": "response.output_text.delta",
-    "text": "response.output_text.delta",
-    "refusal": "response.refusal.delta",
-    "reasoning_text": "response.reasoning_text.delta",
-    "summary_text": "response.reasoning_summary_text.delta",
-}
-_DELTA_OF_ITEM = {
-    "function_call": "response.function_call_arguments.delta",
-    "mcp_call": "response.mcp_call_arguments.delta",
-    "custom_tool_call": "response.custom_tool_call_input.delta",
-}
-_LIFECYCLE = ("response.created", "response.queued", "response.in_progress")
-_TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 
 
 class ResponsesRewriter(EventRewriter):
@@ -107,26 +76,27 @@ class ResponsesRewriter(EventRewriter):
         if not isinstance(obj, dict):
             raise StreamBroken("The upstream sent an event that is not a JSON object.")
         kind = obj.get("type")
-        if kind == "error" or isinstance(obj.get("error"), dict) and kind not in _TERMINAL:
+        if not isinstance(kind, str) and not isinstance(obj.get("error"), dict):
+            raise StreamBroken("The upstream sent an event without a type.")
+        if kind == "error" or isinstance(obj.get("error"), dict) and kind not in TERMINAL:
             error = obj.get("error") if isinstance(obj.get("error"), dict) else obj
             message = error.get("message")
-            raise StreamBroken(
-                f"The upstream reported an error: {message}" if isinstance(message, str) else "The upstream reported an error."
-            )
-        name = event.event or (kind if isinstance(kind, str) else "message")
+            detail = f": {message}" if isinstance(message, str) else "."
+            raise StreamBroken(f"The upstream reported an error{detail}")
+        name = event.event or kind
         raw: str | None = event.data
         out = b""
-        if kind in _DELTAS:
+        if kind in DELTAS:
             out, raw = self._delta(obj, kind, raw)
-        elif kind in _DONES:
+        elif kind in DONES:
             out, raw = self._done(obj, kind, raw)
-        elif kind in _PARTS:
+        elif kind in PARTS:
             out, raw = self._part(obj, kind, raw)
         elif kind in ("response.output_item.added", "response.output_item.done"):
             out, raw = self._item(obj, kind, raw)
-        elif kind in _LIFECYCLE:
+        elif kind in LIFECYCLE:
             raw = self._lifecycle(obj, raw)
-        elif kind in _TERMINAL:
+        elif kind in TERMINAL:
             out, raw, name = self._terminal(obj, name, raw)
         if raw != "":  # "" marks an event with nothing left to send
             out += self._emit(name, obj, raw)
@@ -140,14 +110,14 @@ class ResponsesRewriter(EventRewriter):
     def _key(self, obj: dict[str, Any], kind: str, index_field: str | None) -> Key:
         output_index = obj.get("output_index")
         index = obj.get(index_field, 0) if index_field else 0
-        if not _is_index(output_index) or not _is_index(index):
+        if not is_index(output_index) or not is_index(index):
             raise StreamBroken("The upstream sent a text event without a valid output_index.")
         if isinstance(obj.get("item_id"), str) and output_index not in self._items:
             self._items[output_index] = {"id": obj["item_id"]}
         return output_index, kind, index
 
     def _delta(self, obj: dict[str, Any], kind: str, raw: str | None) -> tuple[bytes, str | None]:
-        field_kind, index_field, _, _ = _DELTAS[kind]
+        field_kind, index_field, _, _ = DELTAS[kind]
         key = self._key(obj, field_kind, index_field)
         delta = obj.get("delta")
         if not isinstance(delta, str):
@@ -165,7 +135,7 @@ class ResponsesRewriter(EventRewriter):
         return b"", raw
 
     def _done(self, obj: dict[str, Any], kind: str, raw: str | None) -> tuple[bytes, str | None]:
-        field_kind, index_field, name, delta_type = _DONES[kind]
+        field_kind, index_field, name, delta_type = DONES[kind]
         key = self._key(obj, field_kind, index_field)
         self._delta_types.setdefault(key, delta_type)
         whole, released = self._texts.settle(key, obj.get(name))
@@ -179,14 +149,14 @@ class ResponsesRewriter(EventRewriter):
         return out, raw
 
     def _part(self, obj: dict[str, Any], kind: str, raw: str | None) -> tuple[bytes, str | None]:
-        field_kind, index_field, list_name = _PARTS[kind]
+        field_kind, index_field, list_name = PARTS[kind]
         key = self._key(obj, field_kind, index_field)
         part = obj.get("part")
         if not isinstance(part, dict):
             return b"", raw
         name = part_text_name(part)
-        if part.get("type") in _DELTA_OF_PART:
-            self._delta_types.setdefault(key, _DELTA_OF_PART[part["type"]])
+        if part.get("type") in DELTA_OF_PART:
+            self._delta_types.setdefault(key, DELTA_OF_PART[part["type"]])
         text = part.get(name)
         out = b""
         if kind.endswith(".added"):
@@ -218,14 +188,14 @@ class ResponsesRewriter(EventRewriter):
     def _item(self, obj: dict[str, Any], kind: str, raw: str | None) -> tuple[bytes, str | None]:
         output_index = obj.get("output_index")
         item = obj.get("item")
-        if not _is_index(output_index) or not isinstance(item, dict):
+        if not is_index(output_index) or not isinstance(item, dict):
             raise StreamBroken("The upstream sent an output item event without its item or output_index.")
         out = b""
         added = kind.endswith(".added")
         for field_kind, index, container, name in list(item_texts(item)):
             key = (output_index, field_kind, index)
-            if item.get("type") in _DELTA_OF_ITEM:
-                self._delta_types.setdefault(key, _DELTA_OF_ITEM[item["type"]])
+            if item.get("type") in DELTA_OF_ITEM:
+                self._delta_types.setdefault(key, DELTA_OF_ITEM[item["type"]])
             if added:
                 sent = self._texts.feed(key, container[name]) if container[name] else ""
             else:
@@ -250,7 +220,8 @@ class ResponsesRewriter(EventRewriter):
         if not isinstance(response, dict):
             return raw
         self._response = response
-        for i, item in enumerate(response.get("output") or ()):
+        output = response.get("output")
+        for i, item in enumerate(output if isinstance(output, list) else ()):
             if isinstance(item, dict):
                 for field_kind, index, container, name in item_texts(item):
                     sent = self._texts.sent((i, field_kind, index))  # nothing is taken from a snapshot
@@ -327,15 +298,17 @@ class ResponsesRewriter(EventRewriter):
                 texts.clear_logprobs(container)
                 if key not in self._done_sent and key in self._delta_types:
                     kind = self._delta_types[key]
-                    done = _DELTAS[kind][2]
-                    obj = {"type": done, **self._where(key), _DELTAS[kind][3]: whole}
+                    done = DELTAS[kind][2]
+                    obj = {"type": done, **self._where(key), DELTAS[kind][3]: whole}
                     if done == "response.output_text.done":
                         obj["logprobs"] = []
                     out += self._emit(done, obj)
                     self._done_sent.add(key)
                 part = self._open_parts.pop(key, None)
                 if part is not None:
-                    part_event = "response.reasoning_summary_part.done" if field_kind == "summary" else "response.content_part.done"
+                    part_event = (
+                        "response.reasoning_summary_part.done" if field_kind == "summary" else "response.content_part.done"
+                    )
                     out += self._emit(part_event, {"type": part_event, **self._where(key), "part": part})
             if "status" in item or item.get("type") in ("message", "function_call"):
                 item["status"] = "incomplete"
@@ -378,6 +351,3 @@ class ResponsesRewriter(EventRewriter):
             return prompt, counted
         return prompt, usage.completion
 
-
-def _is_index(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
