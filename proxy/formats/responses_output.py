@@ -23,6 +23,8 @@ and count the same text the same way:
   windows still hold is released, moderated;
 * every field's tokens are counted as they come (the cap holds across all
   fields, reasoning summaries included).
+
+The tables below name the stream events that carry each field's text.
 """
 
 from __future__ import annotations
@@ -78,6 +80,8 @@ TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 
 
 class _Field:
+    """One text field: its window (None without output rules), its token counter, what it sent."""
+
     __slots__ = ("counter", "fed", "finished", "sent", "window")
 
     def __init__(self, window: Any, counter: StreamingTokenCounter):
