@@ -253,3 +253,16 @@ async def test_an_abandoned_stream_is_still_recorded(mock_upstream, start_gatewa
     assert totals["requests"] == 1
     assert 1 <= totals["completion_tokens"] < count_text(MODEL, words)
     assert totals["prompt_tokens"] == count_chat_prompt(MODEL, [{"role": "user", "content": words}])
+
+
+@pytest.mark.parametrize("size", [1, 3, 7])
+async def test_the_stream_helpers_snapshots_agree_with_the_final_response(moderated, size):
+    args = '{"to": "jane.doe@example.com", "body": "hi"}'
+    extra = mock(tool_call={"name": "mail", "arguments": args}, reasoning=REDACT_REPLY, chunk_chars=size)
+    async with client(moderated).responses.stream(model=MODEL, input="x", extra_body=extra) as helper:
+        snapshots = [event.snapshot async for event in helper if event.type == "response.function_call_arguments.delta"]
+        final = await helper.get_final_response()
+    call = final.output[1]
+    assert snapshots[-1] == call.arguments and json.loads(call.arguments) == {"to": "[REDACTED:email]", "body": "hi"}
+    assert final.output[0].summary[0].text == REDACTED
+    assert "jane" not in final.model_dump_json()
