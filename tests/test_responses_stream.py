@@ -113,8 +113,8 @@ def sse(events):
     return out
 
 
-def pipeline(engine=ENGINE, cap=None):
-    parsed = ParsedRequest({"model": MODEL, "input": "hi", "stream": True}, MODEL, stream=True)
+def pipeline(engine=ENGINE, cap=None, **fields):
+    parsed = ParsedRequest({"model": MODEL, "input": "hi", "stream": True, **fields}, MODEL, stream=True)
     return StreamPipeline(RESPONSES.stream_rewriter(parsed, AnswerContext(MODEL, engine, False, cap)), 1 << 20)
 
 
@@ -352,15 +352,67 @@ def test_response_failed_passes_through_moderated_as_the_end():
     assert final["type"] == "response.failed" and _item_text(final["response"]["output"][0]) == "the [REDACTED:cat] sat"
 
 
-def test_logprobs_are_not_relayed_under_output_rules():
-    events = events_of([("text", "hi")], 2)
+def with_logprobs(events):
+    """One logprob entry per delta (the delta is its token), with an alternative that names the cat."""
+    entries = []
     for event in events:
-        if event["type"] in ("response.output_text.delta", "response.output_text.done"):
-            event["logprobs"] = [{"token": "hi", "logprob": -0.1, "bytes": [104, 105], "top_logprobs": []}]
+        if event["type"] == "response.output_text.delta":
+            entry = {"token": event["delta"], "logprob": -0.5, "bytes": list(event["delta"].encode()),
+                     "top_logprobs": [{"token": event["delta"], "logprob": -0.5, "bytes": []},
+                                      {"token": "cat", "logprob": -2.0, "bytes": []}]}
+            event["logprobs"] = [entry]
+            entries.append(entry)
+        elif event["type"] == "response.output_text.done":
+            event["logprobs"] = entries
+    return events
+
+
+LOGPROBS = {"include": ["message.output_text.logprobs"]}
+
+
+@pytest.mark.parametrize("size", [1, 3, 7])
+def test_logprobs_follow_their_text_and_never_spell_what_was_not_sent(size):
+    text = "Mail bob@example.com about the cat, then stop."
+    out, _ = feed(pipeline(**LOGPROBS), sse(with_logprobs(events_of([("text", text)], size))))
+    bodies = sent_events(out)
+    sent_text = deltas_of(bodies, "response.output_text.delta")
+    assert sent_text == "Mail [REDACTED:email] about the [REDACTED:cat], then stop."
+    delta_entries = [e for b in bodies if b["type"] == "response.output_text.delta" for e in b["logprobs"]]
+    assert delta_entries, "entries for text that went out unchanged are relayed"
+    tokens = [e["token"] for e in delta_entries]
+    upstream = iter(text[i : i + size] for i in range(0, len(text), size))
+    assert all(token in upstream for token in tokens)  # the upstream's entries, in order, some left out
+    assert not any("bob" in t or "example" in t or "cat" in t for t in tokens)
+    assert all(alt["token"] != "cat" for e in delta_entries for alt in e["top_logprobs"])
+    done = [b for b in bodies if b["type"] == "response.output_text.done"][0]
+    final = bodies[-1]["response"]["output"][0]["content"][0]
+    assert done["logprobs"] == final["logprobs"] == delta_entries
+    # Text no rule touches keeps every entry, in order.
+    out, _ = feed(pipeline(**LOGPROBS), sse(with_logprobs(events_of([("text", "all fine here, thanks")], size))))
+    bodies = sent_events(out)
+    tokens = [e["token"] for b in bodies if b["type"] == "response.output_text.delta" for e in b["logprobs"]]
+    assert "".join(tokens) == "all fine here, thanks"
+
+
+def test_logprobs_not_asked_for_are_not_relayed_under_output_rules():
+    events = with_logprobs(events_of([("text", "hi there")], 2))
     out, _ = feed(pipeline(), sse(events))
     assert b'"logprob"' not in out
     out, _ = feed(pipeline(engine=None), sse(events))
-    assert b'"logprob"' in out
+    assert b'"logprob"' in out  # without output rules they pass as they came
+
+
+def test_a_whole_answers_logprobs_are_aligned_too():
+    text = "write to bob@example.com now"
+    pieces = [text[i : i + 4] for i in range(0, len(text), 4)]
+    part = {"type": "output_text", "annotations": [], "text": text,
+            "logprobs": [{"token": p, "logprob": -1.0, "bytes": list(p.encode()), "top_logprobs": []} for p in pieces]}
+    item = {"id": "m", "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+    parsed = ParsedRequest({"model": MODEL, "input": "x", **LOGPROBS}, MODEL, stream=False)
+    moderated = RESPONSES.moderate_whole(parsed, envelope("completed", [item]), AnswerContext(MODEL, ENGINE))
+    sent = json.loads(moderated.body)["output"][0]["content"][0]
+    assert sent["text"] == "write to [REDACTED:email] now"
+    assert [e["token"] for e in sent["logprobs"]] == ["writ", "e to", " now"]  # none for the redacted span
 
 
 def test_whole_answer_is_cut_at_the_first_block():

@@ -87,7 +87,7 @@ class ResponsesFormat(WireFormat):
             )
 
     def moderate_whole(self, parsed: ParsedRequest, document: dict[str, Any], ctx: AnswerContext) -> Moderated:
-        texts = OutputTexts(ctx)
+        texts = OutputTexts(ctx, _asks_logprobs(parsed))
         output = document.get("output")
         changed = settle_output(texts, output) if isinstance(output, list) else False
         if texts.cut is not None:
@@ -100,7 +100,13 @@ class ResponsesFormat(WireFormat):
         return Moderated(jsonio.dumps(document) if changed else b"", texts.actions, usage, counted)
 
     def stream_rewriter(self, parsed: ParsedRequest, ctx: AnswerContext) -> ResponsesRewriter:
-        return ResponsesRewriter(ctx)
+        return ResponsesRewriter(ctx, _asks_logprobs(parsed))
+
+
+def _asks_logprobs(parsed: ParsedRequest | None) -> bool:
+    """Logprobs come back only when ``include`` asks for them."""
+    include = parsed.payload.get("include") if parsed is not None else None
+    return isinstance(include, list) and "message.output_text.logprobs" in include
 
 
 def _texts(payload: dict[str, Any]) -> Iterator[tuple[str | None, TextRef]]:

@@ -22,7 +22,12 @@ and count the same text the same way:
   ``max_output_tokens``); no new text is taken after it, only what the
   windows still hold is released, moderated;
 * every field's tokens are counted as they come (the cap holds across all
-  fields, reasoning summaries included).
+  fields, reasoning summaries included);
+* logprob entries (asked for with ``include: ["message.output_text.logprobs"]``)
+  follow their text as in chat (``logprobs.LogprobsAligner``): an entry goes
+  out once its text went out unchanged, never for text held, redacted or
+  blocked; its alternatives only where each passes the rules alone. Without
+  the request, output rules drop any entries an upstream sends.
 
 The tables below name the stream events that carry each field's text.
 """
@@ -34,6 +39,7 @@ from typing import Any
 
 from ..token_counter import StreamingTokenCounter
 from .base import AnswerContext, StreamBroken
+from .logprobs import AlternativesFilter, LogprobsAligner
 
 Key = tuple[int, str, int]
 CONTENT_FILTER = "content_filter"
@@ -82,14 +88,20 @@ TERMINAL = ("response.completed", "response.incomplete", "response.failed")
 class _Field:
     """One text field: its window (None without output rules), its token counter, what it sent."""
 
-    __slots__ = ("counter", "fed", "finished", "sent", "window")
+    __slots__ = ("aligner", "counter", "due", "fed", "finished", "held", "logprobs", "released", "sent", "window")
 
-    def __init__(self, window: Any, counter: StreamingTokenCounter):
+    def __init__(self, window: Any, counter: StreamingTokenCounter, aligned: bool):
         self.window = window
         self.counter = counter
         self.fed = 0  # original characters taken
         self.sent: list[str] = []  # what was released, in order
         self.finished = False
+        # Logprobs, when asked for: entries due and not yet sent, all sent, and the original text held.
+        self.aligner = LogprobsAligner(0) if aligned else None
+        self.released = 0
+        self.held = ""
+        self.due: list[Any] = []
+        self.logprobs: list[Any] = []
 
     def text(self) -> str:
         if len(self.sent) > 1:
@@ -98,9 +110,13 @@ class _Field:
 
 
 class OutputTexts:
-    def __init__(self, ctx: AnswerContext):
+    def __init__(self, ctx: AnswerContext, logprobs: bool = False):
         engine = ctx.engine if ctx.engine is not None and ctx.engine.has_rules("output") else None
         self.engine = engine
+        self.aligning = logprobs and engine is not None  # without output rules entries pass as they came
+        self.alternatives = (
+            AlternativesFilter(lambda token: not engine.moderate(token, "output").actions) if self.aligning else None
+        )
         self.model = ctx.model
         self.cap = ctx.cap
         self.fields: dict[Key, _Field] = {}
@@ -112,29 +128,32 @@ class OutputTexts:
         field = self.fields.get(key)
         if field is None:
             window = self.engine.stream("output") if self.engine is not None else None
-            field = self.fields[key] = _Field(window, StreamingTokenCounter(self.model))
+            field = self.fields[key] = _Field(window, StreamingTokenCounter(self.model), self.aligning)
         return field
 
-    def feed(self, key: Key, text: str) -> str:
+    def feed(self, key: Key, text: str, entries: Any = None) -> str:
         field = self.field(key)
         if field.finished:
             raise StreamBroken("The upstream sent more text for a part that had already finished.")
-        return self._push(field, text, final=False)
+        return self._push(field, text, False, entries)
 
-    def settle(self, key: Key, whole: Any) -> tuple[str, str]:
-        """(the field's moderated text, what this call released); ``whole``: the upstream's full text, if any."""
+    def settle(self, key: Key, whole: Any, entries: Any = None) -> tuple[str, str]:
+        """(the field's moderated text, what this call released); ``whole``: the upstream's full text, if any.
+
+        ``entries``: the logprobs that came with ``whole``, used only when no delta brought any.
+        """
         field = self.field(key)
         released = ""
         if not field.finished:
             rest = whole[field.fed :] if isinstance(whole, str) else ""
-            released = self._push(field, rest, final=True)
+            released = self._push(field, rest, True, entries if field.fed == 0 else None)
         return field.text(), released
 
     def sent(self, key: Key) -> str:
         field = self.fields.get(key)
         return field.text() if field is not None else ""
 
-    def _push(self, field: _Field, text: str, final: bool) -> str:
+    def _push(self, field: _Field, text: str, final: bool, entries: Any = None) -> str:
         if self.cut is not None:
             text = ""  # after a block or the cap only held text is released
         capped = False
@@ -153,6 +172,8 @@ class OutputTexts:
             sent = result.text
             if result.blocked is not None:
                 self.cut = CONTENT_FILTER
+            if field.aligner is not None:
+                self._align(field, text, entries, sent, result.blocked is not None or capped)
         if final or capped or window is not None and window.finished:
             field.finished = True
         if capped and self.cut is None:
@@ -161,6 +182,26 @@ class OutputTexts:
             field.sent.append(sent)
             self.delivered = True
         return sent
+
+    def _align(self, field: _Field, text: str, entries: Any, sent: str, cut: bool) -> None:
+        """The entries whose original text the window has now released unchanged become due."""
+        aligner = field.aligner
+        assert aligner is not None and field.window is not None
+        if isinstance(entries, list) and entries:
+            aligner.push(entries, text, _token_of)
+        start = field.released
+        field.released = field.fed - field.window.held_chars
+        field.held += text
+        original, field.held = field.held[: field.released - start], field.held[field.released - start :]
+        ready = aligner.release(start, field.released, original, sent)
+        if cut:
+            aligner.cut()  # the rest never goes out, nor do its entries
+        if ready:
+            alternatives = self.alternatives
+            assert alternatives is not None
+            ready = [_filter_alternatives(entry, alternatives.passes) for entry in ready]
+            field.due.extend(ready)
+            field.logprobs.extend(ready)
 
     def _fit(self, field: _Field, text: str) -> str:
         """``text``, or as much of it as the answer cap leaves."""
@@ -177,12 +218,43 @@ class OutputTexts:
     def completion_tokens(self) -> int:
         return sum(f.counter.total() for f in self.fields.values())
 
-    def clear_logprobs(self, holder: dict[str, Any]) -> bool:
-        """With output rules, logprob entries are not relayed (they spell out the original tokens)."""
-        if self.engine is not None and holder.get("logprobs"):
-            holder["logprobs"] = []
-            return True
-        return False
+    def delta_logprobs(self, key: Key, holder: dict[str, Any]) -> bool:
+        """Give a delta the field's entries now due (none without output rules: they pass as they came)."""
+        return self._place(holder, self._take_due(key))
+
+    def whole_logprobs(self, key: Key, holder: dict[str, Any]) -> bool:
+        """Give a repeat of the field's text every entry sent for it."""
+        field = self.fields.get(key)
+        return self._place(holder, field.logprobs if field is not None else [])
+
+    def _take_due(self, key: Key) -> list[Any]:
+        field = self.fields.get(key)
+        if field is None or not field.due:
+            return []
+        due, field.due = field.due, []
+        return due
+
+    def _place(self, holder: dict[str, Any], entries: list[Any]) -> bool:
+        if self.engine is None or not (entries or holder.get("logprobs")):
+            return False
+        if not self.aligning:
+            entries = []  # not asked for: an upstream's entries would spell out the original tokens
+        if holder.get("logprobs") == entries:
+            return False
+        holder["logprobs"] = list(entries)
+        return True
+
+
+def _token_of(entry: Any) -> Any:
+    return entry.get("token") if isinstance(entry, dict) else None
+
+
+def _filter_alternatives(entry: Any, passes: Callable[[Any], bool]) -> Any:
+    alternatives = entry.get("top_logprobs") if isinstance(entry, dict) else None
+    if not isinstance(alternatives, list):
+        return entry
+    kept = [alt for alt in alternatives if isinstance(alt, dict) and passes(alt.get("token"))]
+    return entry if len(kept) == len(alternatives) else {**entry, "top_logprobs": kept}
 
 
 def _parts(value: Any) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -241,14 +313,15 @@ def settle_output(texts: OutputTexts, output: list[Any], released: Released | No
                 dropped.append((item["summary" if kind == "summary" else "content"], container))
                 continue
             before = texts.cut
-            whole, new = texts.settle((i, kind, j), container[name])
+            entries = container.get("logprobs") if kind == "content" else None
+            whole, new = texts.settle((i, kind, j), container[name], entries)
             if new and released is not None:
                 released((i, kind, j), container, new)
             if whole != container[name]:
                 container[name] = whole
                 changed = True
             if kind == "content" and container.get("type") == "output_text":
-                changed = texts.clear_logprobs(container) or changed
+                changed = texts.whole_logprobs((i, kind, j), container) or changed
             if before is None and texts.cut is not None:
                 cut_here = True
         for parts, part in dropped:

@@ -12,8 +12,8 @@ Invariants (``tests/test_responses_stream.py``):
   the final response carry exactly the text that was sent. Text a window lets
   go only at such a repeat is sent first as a delta of the gateway's own, so
   the deltas always add up to the repeat. A re-cut delta loses its
-  ``obfuscation`` (it pads the upstream's length); with output rules logprob
-  entries are not relayed;
+  ``obfuscation`` (it pads the upstream's length); logprob entries go with
+  the delta that sends their text, and every repeat has all that were sent;
 * a block or the answer cap: the text before it, the done events of every
   open part and item with the text sent (items ``incomplete``), then
   ``response.incomplete`` with ``incomplete_details.reason``
@@ -51,9 +51,9 @@ from .responses_output import (
 
 
 class ResponsesRewriter(EventRewriter):
-    def __init__(self, ctx: AnswerContext):
+    def __init__(self, ctx: AnswerContext, logprobs: bool = False):
         super().__init__()
-        self._texts = OutputTexts(ctx)
+        self._texts = OutputTexts(ctx, logprobs)
         self.actions = self._texts.actions
         self._seq = 0
         self._response: dict[str, Any] | None = None  # the last lifecycle envelope
@@ -123,14 +123,14 @@ class ResponsesRewriter(EventRewriter):
         if not isinstance(delta, str):
             raise StreamBroken("The upstream sent a delta whose text is not a string.")
         self._delta_types.setdefault(key, kind)
-        sent = self._texts.feed(key, delta)
+        sent = self._texts.feed(key, delta, obj.get("logprobs"))
         if not sent:
-            return b"", ""
+            return b"", ""  # its entries, if any, go with the text they belong to
         if sent != delta:
             obj["delta"] = sent
             obj.pop("obfuscation", None)  # it pads the upstream's delta, not this one
             raw = None
-        if self._texts.clear_logprobs(obj):
+        if self._texts.delta_logprobs(key, obj):
             raw = None
         return b"", raw
 
@@ -138,12 +138,12 @@ class ResponsesRewriter(EventRewriter):
         field_kind, index_field, name, delta_type = DONES[kind]
         key = self._key(obj, field_kind, index_field)
         self._delta_types.setdefault(key, delta_type)
-        whole, released = self._texts.settle(key, obj.get(name))
+        whole, released = self._texts.settle(key, obj.get(name), obj.get("logprobs"))
         out = self._released(key, released)
         if obj.get(name) != whole:
             obj[name] = whole
             raw = None
-        if self._texts.clear_logprobs(obj):
+        if self._texts.whole_logprobs(key, obj):
             raw = None
         self._done_sent.add(key)
         return out, raw
@@ -173,7 +173,7 @@ class ResponsesRewriter(EventRewriter):
         if isinstance(text, str) and sent != text:
             part[name] = sent
             raw = None
-        if self._texts.clear_logprobs(part):
+        if self._texts.whole_logprobs(key, part):
             raw = None
         return out, raw
 
@@ -204,7 +204,7 @@ class ResponsesRewriter(EventRewriter):
             if sent != container[name]:
                 container[name] = sent
                 raw = None
-            if self._texts.clear_logprobs(container):
+            if self._texts.whole_logprobs(key, container):
                 raw = None
         self._items[output_index] = item
         if added:
@@ -282,6 +282,7 @@ class ResponsesRewriter(EventRewriter):
         obj = {"type": kind, **self._where(key), "delta": text}
         if kind == "response.output_text.delta":
             obj["logprobs"] = []
+            self._texts.delta_logprobs(key, obj)
         return self._emit(kind, obj)
 
     def _close(self, reason: str) -> bytes:
@@ -295,13 +296,14 @@ class ResponsesRewriter(EventRewriter):
                 whole, released = texts.settle(key, None)
                 out += self._released(key, released)
                 container[name] = whole
-                texts.clear_logprobs(container)
+                texts.whole_logprobs(key, container)
                 if key not in self._done_sent and key in self._delta_types:
                     kind = self._delta_types[key]
                     done = DELTAS[kind][2]
                     obj = {"type": done, **self._where(key), DELTAS[kind][3]: whole}
                     if done == "response.output_text.done":
                         obj["logprobs"] = []
+                        texts.whole_logprobs(key, obj)
                     out += self._emit(done, obj)
                     self._done_sent.add(key)
                 part = self._open_parts.pop(key, None)
