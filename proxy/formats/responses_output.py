@@ -28,8 +28,6 @@ and count the same text the same way:
   out once its text went out unchanged, never for text held, redacted or
   blocked; its alternatives only where each passes the rules alone. Without
   the request, output rules drop any entries an upstream sends.
-
-The tables below name the stream events that carry each field's text.
 """
 
 from __future__ import annotations
@@ -39,51 +37,12 @@ from typing import Any
 
 from ..token_counter import StreamingTokenCounter
 from .base import AnswerContext, StreamBroken
+from .chat import SHAPE as CHAT_SHAPE  # a logprob entry is spelled as in chat
 from .logprobs import AlternativesFilter, LogprobsAligner
 
 Key = tuple[int, str, int]
 CONTENT_FILTER = "content_filter"
 MAX_OUTPUT_TOKENS = "max_output_tokens"
-
-# delta event -> (field kind, its index field, done event, the done event's text field)
-DELTAS = {
-    "response.output_text.delta": ("content", "content_index", "response.output_text.done", "text"),
-    "response.refusal.delta": ("content", "content_index", "response.refusal.done", "refusal"),
-    "response.reasoning_text.delta": ("content", "content_index", "response.reasoning_text.done", "text"),
-    "response.reasoning_summary_text.delta": (
-        "summary",
-        "summary_index",
-        "response.reasoning_summary_text.done",
-        "text",
-    ),
-    "response.function_call_arguments.delta": ("arguments", None, "response.function_call_arguments.done", "arguments"),
-    "response.custom_tool_call_input.delta": ("input", None, "response.custom_tool_call_input.done", "input"),
-    "response.mcp_call_arguments.delta": ("arguments", None, "response.mcp_call_arguments.done", "arguments"),
-}
-DONES = {done: (kind, index, name, delta) for delta, (kind, index, done, name) in DELTAS.items()}
-# part event -> (field kind, its index field, the part's list in the item)
-PARTS = {
-    "response.content_part.added": ("content", "content_index", "content"),
-    "response.content_part.done": ("content", "content_index", "content"),
-    "response.reasoning_summary_part.added": ("summary", "summary_index", "summary"),
-    "response.reasoning_summary_part.done": ("summary", "summary_index", "summary"),
-}
-# The delta event of a field, known from its part's or its item's type.
-DELTA_OF_PART = {
-    "output_text": "response.output_text.delta",
-    "text": "response.output_text.delta",
-    "refusal": "response.refusal.delta",
-    "reasoning_text": "response.reasoning_text.delta",
-    "summary_text": "response.reasoning_summary_text.delta",
-}
-DELTA_OF_ITEM = {
-    "function_call": "response.function_call_arguments.delta",
-    "mcp_call": "response.mcp_call_arguments.delta",
-    "custom_tool_call": "response.custom_tool_call_input.delta",
-}
-LIFECYCLE = ("response.created", "response.queued", "response.in_progress")
-TERMINAL = ("response.completed", "response.incomplete", "response.failed")
-
 
 class _Field:
     """One text field: its window (None without output rules), its token counter, what it sent."""
@@ -199,7 +158,7 @@ class OutputTexts:
         if ready:
             alternatives = self.alternatives
             assert alternatives is not None
-            ready = [_filter_alternatives(entry, alternatives.passes) for entry in ready]
+            ready = [CHAT_SHAPE.filter_alternatives(entry, alternatives.passes) for entry in ready]
             field.due.extend(ready)
             field.logprobs.extend(ready)
 
@@ -247,14 +206,6 @@ class OutputTexts:
 
 def _token_of(entry: Any) -> Any:
     return entry.get("token") if isinstance(entry, dict) else None
-
-
-def _filter_alternatives(entry: Any, passes: Callable[[Any], bool]) -> Any:
-    alternatives = entry.get("top_logprobs") if isinstance(entry, dict) else None
-    if not isinstance(alternatives, list):
-        return entry
-    kept = [alt for alt in alternatives if isinstance(alt, dict) and passes(alt.get("token"))]
-    return entry if len(kept) == len(alternatives) else {**entry, "top_logprobs": kept}
 
 
 def _parts(value: Any) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -333,6 +284,3 @@ def settle_output(texts: OutputTexts, output: list[Any], released: Released | No
             return True
     return changed
 
-
-def is_index(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -31,19 +31,12 @@ from typing import Any
 from .. import jsonio
 from ..stream.sse import encode_data
 from .base import AnswerContext, End, EventRewriter, StreamBroken, Usage, usage_from
+from .responses_events import DELTA_OF_ITEM, DELTA_OF_PART, DELTAS, DONES, LIFECYCLE, PARTS, TERMINAL, is_index
 from .responses_output import (
     CONTENT_FILTER,
-    DELTA_OF_ITEM,
-    DELTA_OF_PART,
-    DELTAS,
-    DONES,
-    LIFECYCLE,
     MAX_OUTPUT_TOKENS,
-    PARTS,
-    TERMINAL,
     Key,
     OutputTexts,
-    is_index,
     item_texts,
     part_text_name,
     settle_output,
