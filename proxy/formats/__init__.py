@@ -8,12 +8,14 @@ from .chat import ChatFormat
 from .completions import CompletionsFormat
 from .embeddings import EmbeddingsFormat
 from .messages import MessagesFormat
+from .responses import ResponsesFormat
 
 FORMATS: dict[str, WireFormat] = {
     "/v1/chat/completions": ChatFormat(),
     "/v1/completions": CompletionsFormat(),
     "/v1/embeddings": EmbeddingsFormat(),
     "/v1/messages": MessagesFormat(),
+    "/v1/responses": ResponsesFormat(),
 }
 
 __all__ = [
