@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .accounting import (
+    DEFAULT_LEASE_SECONDS,
     LedgerEntry,
     QuotaStore,
     Rejection,
@@ -29,6 +30,16 @@ from .logs import log
 
 # Settles that failed are retried this often, oldest first, while the store stays down.
 SETTLE_RETRY_SECONDS = 1.0
+# The longest ``settle_durably`` holds a request before its last bytes. A settle
+# takes well under a millisecond when the store works, and a store that is down
+# fails within its own timeout (redis: 2 s per batch, retried once on a new
+# connection; sqlite: a lock held elsewhere for 5 s), after which the settle is
+# queued for retry. The bound stops a store that hangs from holding every
+# client's answer: past it, the settle carries on in the background.
+SETTLE_WAIT_SECONDS = 2.0
+# How often a running request should ``renew`` its concurrency lease: a third of
+# the lease, so two renewals can fail before the slot is freed.
+LEASE_RENEW_SECONDS = DEFAULT_LEASE_SECONDS / 3
 # At most this many failed settles wait for the store; beyond it the oldest are dropped (and logged).
 MAX_PENDING_SETTLES = 100_000
 
@@ -86,11 +97,57 @@ class Quotas:
             raise QuotaRejected(decision)
         return decision
 
+    async def settle_durably(self, reservation: Reservation | None, entry: LedgerEntry) -> None:
+        """Settle, and return once the ledger row and the counters are committed.
+
+        For the request path, before the client's final bytes (``[DONE]``, or
+        a non-streamed body): a client that has its answer is then in the
+        ledger even if the process is killed the next moment. Committed means
+        what the store can promise: memory applied, sqlite committed in the
+        WAL, redis the script ran.
+
+        Never raises into the request path and never waits longer than
+        ``SETTLE_WAIT_SECONDS``: when the store is unavailable the settle is
+        queued for retry (as ``settle`` does) and this returns; when the store
+        is slow past the bound, the settle carries on in the background (and
+        is retried if it then fails) and this returns. Cancelling the caller
+        (the client left) does not cancel the settle.
+        """
+        task = self._start(reservation, entry)
+        try:
+            await asyncio.wait_for(asyncio.shield(task), SETTLE_WAIT_SECONDS)
+        except TimeoutError:
+            log.warning("settle still running after the wait bound; it continues in the background",
+                        request_id=entry.request_id, bound_seconds=SETTLE_WAIT_SECONDS)
+        except Exception:  # a bug in the store: logged with the task, never the client's problem
+            log.exception("settle failed", request_id=entry.request_id)
+
     def settle(self, reservation: Reservation | None, entry: LedgerEntry) -> None:
-        """Settle in the background; ``drain`` waits for every settle at shutdown."""
+        """Settle in the background (for paths that cannot wait, e.g. a client that left);
+        ``drain`` waits for every settle at shutdown."""
+        self._start(reservation, entry)
+
+    def _start(self, reservation: Reservation | None, entry: LedgerEntry) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._settle(reservation, entry))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
+        return task
+
+    async def renew(self, reservation: Reservation | None) -> None:
+        """Extend the concurrency lease of a request still running (call every ``LEASE_RENEW_SECONDS``).
+
+        Without it a stream open longer than the lease loses its slot while
+        still open, and slow readers could exceed ``max_concurrent_requests``.
+        A store error is logged and counted, never raised: the next renewal
+        tries again, and the lease outlasts two missed ones.
+        """
+        if reservation is None or not reservation.slots:
+            return
+        try:
+            await self.store.renew(reservation, time.time())
+        except StoreUnavailable as exc:
+            self._on_store_error("renew")
+            log.warning("quota store unavailable; lease not renewed", error=str(exc))
 
     async def _settle(self, reservation: Reservation | None, entry: LedgerEntry) -> None:
         try:

@@ -16,7 +16,9 @@ shards):
     sluice:c:<subject>                   sorted set of reservation ids scored by lease deadline;
                                          expired members are dropped before counting
     sluice:r:<reservation id>            the reserved tokens and the reply, until settled;
-                                         makes settle run once and a retried reserve count once
+                                         makes a retried reserve count once
+    sluice:s:<reservation id>            "settled", for an hour after the settle: makes a repeated
+                                         settle do nothing, also once the marker above is gone
     sluice:u:day:<YYYYMMDD>              hash of ledger totals, field = JSON [team, key, metric]
     sluice:u:month:<YYYYMM>
     sluice:ledger                        stream of ledger entries, field `entry` = the entry as JSON
@@ -77,10 +79,14 @@ from proxy.accounting.store import (
     QuotaStore,
     StoreUnavailable,
 )
+from proxy.logs import log
 
 PREFIX = "sluice:"
 LEDGER_STREAM = f"{PREFIX}ledger"
 LEDGER_STREAM_MAXLEN = 1_000_000
+# How long ``sluice:s:<id>`` remembers that a reservation was settled, so that a repeat
+# is recognised as one; see ``RedisStore.settle`` for the trade.
+SETTLED_MEMORY_SECONDS = 3600
 DAY_TOTALS_TTL_SECONDS = 40 * 86400
 MONTH_TOTALS_TTL_SECONDS = 400 * 86400
 _KIND_CODE = {REQUESTS: "r", TOKENS: "t", CONCURRENCY: "c"}
@@ -188,29 +194,63 @@ local function record_entry(k, a)
 end
 """
 
-# KEYS[1]: the marker; then n_charges token counters; then n_slots concurrency sets;
-# then, if an entry is recorded too, record_entry's three keys.
-# ARGV[1]: "id used_tokens n_charges n_slots"; ARGV[2..6]: record_entry's arguments.
-# Returns 1, or 0 if the reservation was settled before (or forgotten).
+# KEYS[1]: the reservation's marker; KEYS[2]: its settled-marker; then n_charges token
+# counters; then n_slots concurrency sets; then, if an entry is recorded too, record_entry's
+# three keys.
+# ARGV[1]: "id used_tokens n_charges n_slots settled_ttl"; ARGV[2]: one ttl per charge (seconds
+# its window, plus grace, has left; 0: over); ARGV[3..7]: record_entry's arguments.
+# Returns 1 (settled), 0 (a repeat: settled before, nothing done) or 2 (settled, but the
+# reservation's marker was gone: Redis lost it, so the real tokens are added afresh).
 SETTLE_LUA = _RECORD_ENTRY_LUA + """
 local settle = words(ARGV[1])
+if redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+local used, n_charges, n_slots = tonumber(settle[2]), tonumber(settle[3]), tonumber(settle[4])
 local marker = redis.call('GET', KEYS[1])
-if not marker then return 0 end
-redis.call('DEL', KEYS[1])
-local delta = tonumber(settle[2]) - tonumber(words(marker)[1])
-local n_charges, n_slots = tonumber(settle[3]), tonumber(settle[4])
-for i = 2, 1 + n_charges do
-  if delta ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then
-    redis.call('INCRBY', KEYS[i], delta)
+local result = 1
+if marker then
+  redis.call('DEL', KEYS[1])
+  local delta = used - tonumber(words(marker)[1])
+  for i = 3, 2 + n_charges do
+    if delta ~= 0 and redis.call('EXISTS', KEYS[i]) == 1 then
+      redis.call('INCRBY', KEYS[i], delta)
+    end
   end
+else
+  local ttls = words(ARGV[2])
+  for i = 1, n_charges do
+    local ttl = tonumber(ttls[i])
+    if used ~= 0 and ttl > 0 then
+      redis.call('INCRBY', KEYS[2 + i], used)
+      redis.call('EXPIRE', KEYS[2 + i], ttl)
+    end
+  end
+  result = 2
 end
-for i = 2 + n_charges, 1 + n_charges + n_slots do
+for i = 3 + n_charges, 2 + n_charges + n_slots do
   redis.call('ZREM', KEYS[i], settle[1])
 end
-if #KEYS > 1 + n_charges + n_slots then
-  record_entry(2 + n_charges + n_slots, 2)
+redis.call('SET', KEYS[2], '1', 'EX', settle[5])
+if #KEYS > 2 + n_charges + n_slots then
+  record_entry(3 + n_charges + n_slots, 3)
 end
-return 1
+return result
+"""
+
+# KEYS: the reservation's concurrency sets. ARGV[1]: "id now new_deadline set_ttl".
+# ZADD XX GT moves a live slot's deadline later and never re-adds a slot that is gone
+# (settled, or expired and dropped: another request may hold that room now).
+RENEW_LUA = _WORDS_LUA + """
+local renew = words(ARGV[1])
+local renewed = 0
+for i = 1, #KEYS do
+  local deadline = redis.call('ZSCORE', KEYS[i], renew[1])
+  if deadline and tonumber(deadline) > tonumber(renew[2]) then
+    redis.call('ZADD', KEYS[i], 'XX', 'GT', renew[3], renew[1])
+    redis.call('EXPIRE', KEYS[i], renew[4], 'GT')
+    renewed = renewed + 1
+  end
+end
+return renewed
 """
 
 RECORD_LUA = _RECORD_ENTRY_LUA + """
@@ -248,7 +288,8 @@ class _Script:
 _RESERVE = _Script(RESERVE_LUA)
 _SETTLE = _Script(SETTLE_LUA)
 _RECORD = _Script(RECORD_LUA)
-_SCRIPTS = (_RESERVE, _SETTLE, _RECORD)
+_RENEW = _Script(RENEW_LUA)
+_SCRIPTS = (_RESERVE, _SETTLE, _RECORD, _RENEW)
 _PING = _pack([b"PING"])
 
 
@@ -498,16 +539,52 @@ class RedisStore(QuotaStore):
         now: float,
         entry: LedgerEntry | None = None,
     ) -> None:
-        keys = [f"{PREFIX}r:{reservation.id}"]
+        """One script: correct the counters, free the slots, add the entry, mark it settled.
+
+        A settle must land even when Redis has lost the reservation (restarted
+        empty, or failed over to a replica that never saw it): the request was
+        served, so its row goes into the ledger and its real tokens into the
+        day, month and (if still open) minute counters, from zero. A repeat
+        must do nothing. Both find the reservation's marker gone; what tells
+        them apart is the settled-marker ``sluice:s:<id>``, written by the
+        settle itself in the same script, so it exists exactly when this
+        reservation's settle has already been applied to this Redis's data.
+        After an empty restart it is gone together with everything that
+        settle wrote, so applying again counts once, not twice.
+
+        The double-count risk is a repeat arriving after the settled-marker
+        has expired (``SETTLED_MEMORY_SECONDS``): only a settle whose first
+        run landed but whose reply was lost, retried that much later (the
+        retry queue retries every second while Redis answers). Losing a
+        served request's usage on every empty restart is the worse error for
+        a ledger that bills, and a longer memory costs Redis about 100 bytes
+        per request settled within it.
+        """
+        keys = [f"{PREFIX}r:{reservation.id}", f"{PREFIX}s:{reservation.id}"]
         keys += [f"{PREFIX}q:{charge.counter}" for charge in reservation.charges]
         keys += [f"{PREFIX}c:{slot}" for slot in reservation.slots]
-        counts = f"{int(prompt_tokens + completion_tokens)} {len(reservation.charges)} {len(reservation.slots)}"
-        args = [f"{reservation.id} {counts}"]
+        used = int(prompt_tokens) + int(completion_tokens)
+        counts = f"{used} {len(reservation.charges)} {len(reservation.slots)} {SETTLED_MEMORY_SECONDS}"
+        ttls = " ".join(str(max(math.ceil(charge.expires - now), 0)) for charge in reservation.charges)
+        args = [f"{reservation.id} {counts}", ttls or "-"]
         if entry is not None:
             ledger_keys, ledger_args = _ledger_keys_and_args(entry)
             keys += ledger_keys
             args += ledger_args
-        await self._run(_SETTLE, keys, args)
+        if await self._run(_SETTLE, keys, args) == 2:
+            log.warning(
+                "redis had lost a reservation (restarted empty?); its settle counted the real tokens afresh",
+                reservation=reservation.id, tokens=used,
+                request_id=None if entry is None else entry.request_id,
+            )
+
+    async def renew(self, reservation: Reservation, now: float) -> None:
+        if not reservation.slots:
+            return
+        keys = [f"{PREFIX}c:{slot}" for slot in reservation.slots]
+        request = (f"{reservation.id} {now!r} {now + self.lease_seconds!r} "
+                   f"{math.ceil(self.lease_seconds) + WINDOW_GRACE_SECONDS}")
+        await self._run(_RENEW, keys, [request])
 
     async def record(self, entry: LedgerEntry) -> None:
         await self._run(_RECORD, *_ledger_keys_and_args(entry))
