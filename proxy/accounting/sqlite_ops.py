@@ -9,17 +9,21 @@ process can count between the read and the write: exact across processes.
 
 Tables:
 
-    quota_counters      every window counter (requests and tokens per minute, the
-                        day and month totals including what is reserved), and one
-                        live-slot count per subject with a concurrency limit
-    quota_slots         one row per concurrency slot held: (subject, reservation, deadline)
-    quota_reservations  the reservations not settled yet (settle runs once)
+    quota_counters   every window counter (requests and tokens per minute, the day
+                     and month totals including what is reserved); one live-slot
+                     count per subject with a concurrency limit (``<subject id>``);
+                     and one row per reservation not settled yet (``r:<id>``), so a
+                     settle runs once
+    quota_slots      one row per concurrency slot held: (reservation, subject, deadline)
     ledger, usage_totals  the ledger and its running totals per day and month
 
-A slot's count is kept in ``quota_counters`` beside the slot rows so a
-reserve costs the same with 1,000 requests in flight as with one: expired
-slots are deleted through the ``(subject, deadline)`` index and subtracted,
-then the count is read, never counted.
+A subject's slot count is kept beside its slot rows so a reserve costs the
+same with 1,000 requests in flight as with one: a reserve first deletes
+every expired slot of the file through the deadline index (nearly always
+none) and subtracts them from their counts, then reads the counts with the
+window counters in one query. Few statements per operation matter more
+than usual here: every statement hands the GIL back and forth between this
+thread and the event loop.
 """
 
 from __future__ import annotations
@@ -70,16 +74,12 @@ CREATE TABLE IF NOT EXISTS quota_counters (
     expires REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS quota_slots (
-    subject TEXT NOT NULL,
     reservation TEXT NOT NULL,
+    subject TEXT NOT NULL,
     deadline REAL NOT NULL,
-    PRIMARY KEY (subject, reservation)
+    PRIMARY KEY (reservation, subject)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS quota_slots_deadline ON quota_slots (subject, deadline);
-CREATE TABLE IF NOT EXISTS quota_reservations (
-    id TEXT PRIMARY KEY,
-    forget REAL NOT NULL
-) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS quota_slots_deadline ON quota_slots (deadline);
 """
 
 # Files written before the counters moved into the file kept only the settled day and
@@ -191,13 +191,17 @@ def _select_counters(n: int) -> str:
     return f"SELECT counter, value FROM quota_counters WHERE counter IN ({', '.join('?' * n)})"
 
 
-def _live_slots(conn: sqlite3.Connection, subject: str, now: float) -> int:
-    """The slots ``subject`` holds at ``now``, after forgetting the expired ones."""
-    expired = conn.execute("DELETE FROM quota_slots WHERE subject = ? AND deadline <= ?", (subject, now)).rowcount
+def _marker(reservation_id: str) -> str:
+    return f"r:{reservation_id}"
+
+
+def _expire_slots(conn: sqlite3.Connection, now: float) -> None:
+    """Delete every slot whose lease ended by ``now`` and count it out of its subject's count."""
+    expired: dict[str, int] = {}
+    for (subject,) in conn.execute("DELETE FROM quota_slots WHERE deadline <= ? RETURNING subject", (now,)):
+        expired[subject] = expired.get(subject, 0) + 1
     if expired:
-        conn.execute(_CORRECT_COUNTER, (-expired, subject))
-    row = conn.execute("SELECT value FROM quota_counters WHERE counter = ?", (subject,)).fetchone()
-    return row[0] if row else 0
+        conn.executemany(_CORRECT_COUNTER, [(-n, subject) for subject, n in expired.items()])
 
 
 def reserve(batch: Any, request_plan: Plan, prompt_tokens: int, max_tokens: int, now: float,
@@ -206,28 +210,25 @@ def reserve(batch: Any, request_plan: Plan, prompt_tokens: int, max_tokens: int,
     batch.flush()  # settles queued before this reserve count
     conn: sqlite3.Connection = batch.conn
     checks = request_plan.checks
-    names = [check.counter for check in checks if check.kind != CONCURRENCY]
+    if request_plan.slots:
+        _expire_slots(conn, now)
+    names = [check.counter for check in checks]
     values = dict(conn.execute(_select_counters(len(names)), names).fetchall()) if names else {}
-    observed = [
-        _live_slots(conn, check.counter, now) if check.kind == CONCURRENCY else values.get(check.counter, 0)
-        for check in checks
-    ]
+    observed = [values.get(name, 0) for name in names]
     outcome = decide(request_plan, observed, prompt_tokens, max_tokens, now, reservation_id)
     if isinstance(outcome, Rejection):
         return outcome
-    adds = []
-    slots = []
+    adds = [(_marker(reservation_id), 1, now + RESERVATION_MEMORY_SECONDS)]
     for check in checks:
         if check.kind == CONCURRENCY:
             adds.append((check.counter, 1, _SLOT_COUNT_EXPIRES))
-            slots.append((check.counter, reservation_id, now + lease_seconds))
         else:
             adds.append((check.counter, 1 if check.kind == REQUESTS else outcome.reserved_tokens, check.expires))
     conn.executemany(_ADD_COUNTER, adds)
-    if slots:
-        conn.executemany("INSERT INTO quota_slots (subject, reservation, deadline) VALUES (?, ?, ?)", slots)
-    conn.execute("INSERT INTO quota_reservations (id, forget) VALUES (?, ?)",
-                 (reservation_id, now + RESERVATION_MEMORY_SECONDS))
+    if request_plan.slots:
+        deadline = now + lease_seconds
+        conn.executemany("INSERT INTO quota_slots (reservation, subject, deadline) VALUES (?, ?, ?)",
+                         [(reservation_id, slot, deadline) for slot in request_plan.slots])
     return outcome
 
 
@@ -236,17 +237,18 @@ def settle(batch: Any, reservation: Reservation, used_tokens: int,
     """Correct the charged counters to ``used_tokens``, free the slots, add the entry; ``False``
     (and nothing written) when the reservation was settled before or long forgotten."""
     conn: sqlite3.Connection = batch.conn
-    if not conn.execute("DELETE FROM quota_reservations WHERE id = ?", (reservation.id,)).rowcount:
+    if not conn.execute("DELETE FROM quota_counters WHERE counter = ?", (_marker(reservation.id),)).rowcount:
         return False
     merged: MergedWrites = batch.merged
     delta = used_tokens - reservation.reserved_tokens
     if delta:
         for charge in reservation.charges:
             merged.correct(charge.counter, delta)
-    for slot in reservation.slots:
-        if conn.execute("DELETE FROM quota_slots WHERE subject = ? AND reservation = ?",
-                        (slot, reservation.id)).rowcount:
-            merged.correct(slot, -1)  # else its lease had ended and it was counted out then
+    if reservation.slots:
+        # a slot whose lease had ended is gone already, and was counted out then
+        for (subject,) in conn.execute("DELETE FROM quota_slots WHERE reservation = ? RETURNING subject",
+                                       (reservation.id,)):
+            merged.correct(subject, -1)
     if entry is not None:
         merged.add_entry(*entry)
     return True
@@ -262,26 +264,17 @@ def renew(batch: Any, reservation: Reservation, now: float, lease_seconds: float
     A slot whose lease already ended is not taken back: it may have been
     counted free and given to another request. Returns how many were renewed.
     """
-    renewed = 0
-    for slot in reservation.slots:
-        renewed += batch.conn.execute(
-            "UPDATE quota_slots SET deadline = ? WHERE subject = ? AND reservation = ? AND deadline > ?",
-            (now + lease_seconds, slot, reservation.id, now),
-        ).rowcount
-    return renewed
+    return batch.conn.execute(
+        "UPDATE quota_slots SET deadline = max(deadline, ?) WHERE reservation = ? AND deadline > ?",
+        (now + lease_seconds, reservation.id, now),
+    ).rowcount
 
 
 def prune(batch: Any, now: float) -> None:
     """Forget ended windows, expired slots and reservations never settled within a day."""
-    conn: sqlite3.Connection = batch.conn
     batch.flush()
-    for subject, expired in conn.execute(
-        "SELECT subject, count(*) FROM quota_slots WHERE deadline <= ? GROUP BY subject", (now,)
-    ).fetchall():
-        conn.execute(_CORRECT_COUNTER, (-expired, subject))
-    conn.execute("DELETE FROM quota_slots WHERE deadline <= ?", (now,))
-    conn.execute("DELETE FROM quota_counters WHERE expires <= ?", (now,))
-    conn.execute("DELETE FROM quota_reservations WHERE forget <= ?", (now,))
+    _expire_slots(batch.conn, now)
+    batch.conn.execute("DELETE FROM quota_counters WHERE expires <= ?", (now,))
 
 
 def read_usage_rows(batch: Any, periods: tuple[str, str]) -> list[UsageRow]:
