@@ -2,6 +2,9 @@
 
 Run from the repository root:  python -m tests.bench.bench_stores [--requests N] [--concurrency C]
 
+Several processes on one SQLite file (workers contending for its write lock):
+start the same command with ``--stores sqlite --sqlite-path /tmp/shared.db`` in two shells at once.
+
 Each store runs the operations one at a time (latency), then C at a time, as
 a busy gateway does (the SQLite store shares commits between them, Redis
 round trips overlap). Wall time and the CPU time of the whole process (all
@@ -25,6 +28,7 @@ from typing import Awaitable, Callable
 
 from proxy.accounting import LedgerEntry, QuotaStore, Subject, open_store
 from proxy.config import AccountingConfig, LimitsConfig
+from proxy.quotas import Quotas
 from tests.redis_server import RedisServer, redis_available
 
 SUBJECTS = [
@@ -46,6 +50,18 @@ async def one_request(store: QuotaStore, i: int) -> None:
 
 async def one_reserve(store: QuotaStore, i: int) -> None:
     await store.reserve(SUBJECTS, 120, 256, time.time())
+
+
+def durable_request(quotas: Quotas) -> Operation:
+    """What the request path pays: reserve, then ``Quotas.settle_durably`` (which waits for the commit)."""
+
+    async def request(store: QuotaStore, i: int) -> None:
+        now = time.time()
+        reservation = await store.reserve(SUBJECTS, 120, 256, now)
+        await quotas.settle_durably(reservation, LedgerEntry(now, f"req-{i}", "alice", "research", "gpt-4o-mini",
+                                                             120, 80, 200))
+
+    return request
 
 
 async def measure(store: QuotaStore, operation: Operation, requests: int, concurrency: int) -> list[tuple[float, float]]:
@@ -70,35 +86,43 @@ async def measure(store: QuotaStore, operation: Operation, requests: int, concur
     return results
 
 
+async def run_stores(configs: dict[str, AccountingConfig], requests: int, concurrency: int) -> None:
+    print(f"microseconds per operation, {requests} of each; "
+          f"wall / CPU of this process, 1 and {concurrency} in flight")
+    print(f"{'store':8} {'operation':24} {'wall 1':>9} {'cpu 1':>9} {'wall ' + str(concurrency):>9} "
+          f"{'cpu ' + str(concurrency):>9}", flush=True)
+    for name, cfg in configs.items():
+        for label in ("reserve", "reserve + settle", "reserve + settle_durably"):
+            store = await open_store(cfg)
+            quotas = Quotas(store, cfg, lambda operation: None)
+            operation = {"reserve": one_reserve, "reserve + settle": one_request}.get(label) or durable_request(quotas)
+            try:
+                (wall_1, cpu_1), (wall_n, cpu_n) = await measure(store, operation, requests, concurrency)
+            finally:
+                await quotas.close()
+            print(f"{name:8} {label:24} {wall_1:9.1f} {cpu_1:9.1f} {wall_n:9.1f} {cpu_n:9.1f}", flush=True)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--stores", default="memory,sqlite,redis", help="comma-separated")
+    parser.add_argument("--sqlite-path", help="a file to use (shared when several of these run at once)")
     args = parser.parse_args()
+    wanted = args.stores.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         configs = {
             "memory": AccountingConfig(store="memory"),
-            "sqlite": AccountingConfig(store="sqlite", sqlite_path=str(Path(tmp) / "bench.db")),
+            "sqlite": AccountingConfig(store="sqlite", sqlite_path=args.sqlite_path or str(Path(tmp) / "bench.db")),
         }
         server = None
-        if redis_available():
+        if "redis" in wanted and redis_available():
             server = RedisServer(Path(tmp) / "redis")
             server.start()
             configs["redis"] = AccountingConfig(store="redis", redis_url=server.url)
         try:
-            print(f"microseconds per operation, {args.requests} of each; "
-                  f"wall / CPU of this process, 1 and {args.concurrency} in flight")
-            print(f"{'store':8} {'operation':18} {'wall 1':>9} {'cpu 1':>9} {'wall ' + str(args.concurrency):>9} "
-                  f"{'cpu ' + str(args.concurrency):>9}")
-            for name, cfg in configs.items():
-                for label, operation in (("reserve", one_reserve), ("reserve + settle", one_request)):
-                    store = await open_store(cfg)
-                    try:
-                        (wall_1, cpu_1), (wall_n, cpu_n) = await measure(store, operation, args.requests,
-                                                                         args.concurrency)
-                    finally:
-                        await store.close()
-                    print(f"{name:8} {label:18} {wall_1:9.1f} {cpu_1:9.1f} {wall_n:9.1f} {cpu_n:9.1f}")
+            await run_stores({k: v for k, v in configs.items() if k in wanted}, args.requests, args.concurrency)
         finally:
             if server is not None:
                 server.stop()
