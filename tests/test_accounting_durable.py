@@ -104,3 +104,38 @@ async def test_every_request_whose_settle_returned_survives_kill_9(kind, request
         assert probe.tokens.remaining <= 10**9 - 17 * len(ids) - 1
     finally:
         await store.close()
+
+
+async def test_settle_durably_returns_within_its_bound_and_the_settle_lands_later(tmp_path, monkeypatch):
+    from proxy import quotas as quotas_module
+    from proxy.accounting import LedgerEntry
+    from proxy.quotas import Quotas
+
+    monkeypatch.setattr(quotas_module, "SETTLE_WAIT_SECONDS", 0.3)
+    path = str(tmp_path / "sluice.db")
+    cfg = AccountingConfig(store="sqlite", sqlite_path=path)
+    quotas = Quotas(await open_store(cfg), cfg, lambda operation: None)
+    subjects = [Subject("team", "research", LimitsConfig(max_concurrent_requests=5))]
+    now = time.time()
+    try:
+        first, second = [await quotas.store.reserve(subjects, 10, 10, now) for _ in range(2)]
+        blocker = sqlite3.connect(path, isolation_level=None)
+        blocker.execute("BEGIN EXCLUSIVE")  # another process holds the file (for less than the busy timeout)
+        try:
+            started = time.monotonic()
+            await quotas.settle_durably(first, LedgerEntry(now, "slow", "alice", "research", "m", 10, 3, 200))
+            assert time.monotonic() - started < 3.0  # the bound, not sqlite's 5 s busy timeout
+            # a caller cancelled while waiting (the client left) does not cancel the settle
+            waiting = asyncio.ensure_future(
+                quotas.settle_durably(second, LedgerEntry(now, "gone", "alice", "research", "m", 10, 4, 200)))
+            await asyncio.sleep(0.05)
+            waiting.cancel()
+        finally:
+            blocker.execute("ROLLBACK")
+            blocker.close()
+        await quotas.drain()
+        assert quotas.pending_settles == 0  # both committed once the file was free, without a retry
+        day = (await quotas.store.usage(now=now)).teams["research"].day
+        assert (day.requests, day.completion_tokens) == (2, 7)
+    finally:
+        await quotas.close()
