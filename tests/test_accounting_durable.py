@@ -39,7 +39,7 @@ CHILD = textwrap.dedent(
         cfg = AccountingConfig(**config)
         quotas = Quotas(await open_store(cfg), cfg, lambda operation: None)
         subjects = [Subject("key", "alice", LimitsConfig()),
-                    Subject("team", "research", LimitsConfig(tokens_per_day=10**9, max_concurrent_requests=50))]
+                    Subject("team", "research", LimitsConfig(tokens_per_day=10**9, max_concurrent_requests=10**6))]
         queue = iter(range(10**6))
 
         async def client():
@@ -80,7 +80,9 @@ async def test_every_request_whose_settle_returned_survives_kill_9(kind, request
             while len(answered) < 150:
                 line = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), timeout=30)
                 assert line, child.stderr.read().decode()
-                answered.append(line.decode().strip())
+                text = line.decode().strip()
+                assert text.startswith(f"{run}-req-"), text  # anything else is a log line: a settle failed
+                answered.append(text)
         finally:
             child.send_signal(signal.SIGKILL)
             child.wait()

@@ -240,3 +240,20 @@ async def test_a_settle_whose_write_failed_is_written_by_its_retry(tmp_path, mon
         assert again.tokens.remaining == 1000 - 15 - 30  # the day budget kept the 15 tokens used
     finally:
         await reopened.close()
+
+
+async def test_a_bad_settle_fails_its_caller_alone(tmp_path):
+    store = await SqliteStore.open(str(tmp_path / "sluice.db"))
+    try:
+        good = [await store.reserve(subjects(), 10, 10, T0) for _ in range(3)]
+        rejected = await store.reserve([Subject("team", "research", LimitsConfig(tokens_per_day=1))], 10, 10, T0)
+        outcomes = await asyncio.gather(
+            *(store.settle(r, 10, 5, T0, entry(10, 5, f"ok-{i}")) for i, r in enumerate(good)),
+            store.settle(rejected, 10, 5, T0, entry(10, 5, "bad")),  # a caller's bug: not a reservation
+            return_exceptions=True,
+        )
+        assert outcomes[:3] == [None] * 3
+        assert isinstance(outcomes[3], AttributeError)
+        assert (await store.usage(now=T0)).teams["research"].day.requests == 3
+    finally:
+        await store.close()

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import sqlite3
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 from urllib.parse import quote
 
 from proxy.accounting.ledger import LedgerEntry, UsageRow, entry_rows
@@ -232,7 +232,22 @@ def reserve(batch: Any, request_plan: Plan, prompt_tokens: int, max_tokens: int,
     return outcome
 
 
-def settle(batch: Any, reservation: Reservation, used_tokens: int,
+class Settled(NamedTuple):
+    """What a settle needs of its reservation, as plain checked values."""
+
+    id: str
+    reserved_tokens: int
+    charges: tuple[str, ...]
+    slots: tuple[str, ...]
+
+    @classmethod
+    def of(cls, reservation: Reservation) -> Settled:
+        return cls(str(reservation.id), int(reservation.reserved_tokens),
+                   tuple(str(charge.counter) for charge in reservation.charges),
+                   tuple(str(slot) for slot in reservation.slots))
+
+
+def settle(batch: Any, reservation: Settled, used_tokens: int,
            entry: tuple[tuple[Any, ...], Sequence[UsageRow]] | None) -> bool:
     """Correct the charged counters to ``used_tokens``, free the slots, add the entry; ``False``
     (and nothing written) when the reservation was settled before or long forgotten."""
@@ -242,8 +257,8 @@ def settle(batch: Any, reservation: Reservation, used_tokens: int,
     merged: MergedWrites = batch.merged
     delta = used_tokens - reservation.reserved_tokens
     if delta:
-        for charge in reservation.charges:
-            merged.correct(charge.counter, delta)
+        for counter in reservation.charges:
+            merged.correct(counter, delta)
     if reservation.slots:
         # a slot whose lease had ended is gone already, and was counted out then
         for (subject,) in conn.execute("DELETE FROM quota_slots WHERE reservation = ? RETURNING subject",
@@ -258,7 +273,7 @@ def record(batch: Any, entry: tuple[tuple[Any, ...], Sequence[UsageRow]]) -> Non
     batch.merged.add_entry(*entry)
 
 
-def renew(batch: Any, reservation: Reservation, now: float, lease_seconds: float) -> int:
+def renew(batch: Any, reservation_id: str, now: float, lease_seconds: float) -> int:
     """Push the deadline of every slot the reservation still holds to ``now + lease_seconds``.
 
     A slot whose lease already ended is not taken back: it may have been
@@ -266,7 +281,7 @@ def renew(batch: Any, reservation: Reservation, now: float, lease_seconds: float
     """
     return batch.conn.execute(
         "UPDATE quota_slots SET deadline = max(deadline, ?) WHERE reservation = ? AND deadline > ?",
-        (now + lease_seconds, reservation.id, now),
+        (now + lease_seconds, reservation_id, now),
     ).rowcount
 
 

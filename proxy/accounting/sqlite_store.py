@@ -123,14 +123,16 @@ class SqliteStore(QuotaStore):
         used = int(prompt_tokens) + int(completion_tokens)
         if not 0 <= used <= ops.MAX_SQL_INTEGER // 4:
             raise ValueError("token counts out of range")
-        row = None if entry is None else ops.ledger_row(entry)  # a malformed entry fails here, alone
-        await self._worker.submit(partial(ops.settle, reservation=reservation, used_tokens=used, entry=row),
-                                  writes=True)
+        # Plain values, taken here: a malformed entry or reservation fails its caller alone,
+        # never the batch it would have joined on the thread.
+        row = None if entry is None else ops.ledger_row(entry)
+        plain = ops.Settled.of(reservation)
+        await self._worker.submit(partial(ops.settle, reservation=plain, used_tokens=used, entry=row), writes=True)
 
     async def renew(self, reservation: Reservation, now: float) -> None:
         self._writable()
         if reservation.slots:
-            await self._worker.submit(partial(ops.renew, reservation=reservation, now=float(now),
+            await self._worker.submit(partial(ops.renew, reservation_id=str(reservation.id), now=float(now),
                                               lease_seconds=self.lease_seconds), writes=True)
 
     async def record(self, entry: LedgerEntry) -> None:
