@@ -129,3 +129,21 @@ async def test_a_settle_more_than_a_day_late_still_reaches_the_ledger(redis_url)
         assert (month.requests, month.total_tokens) == (1, 120)
     finally:
         await store.close()
+
+
+async def test_a_renewal_while_redis_is_down_is_counted_not_raised(redis_server_factory):
+    server = redis_server_factory()
+    errors: list[str] = []
+    quotas = Quotas(RedisStore(server.url, timeout_seconds=0.5),
+                    AccountingConfig(store="redis", redis_url=server.url), errors.append)
+    try:
+        held = await quotas.store.reserve(SUBJECTS, 1, 1, time.time())
+        await quotas.renew(held)
+        assert errors == []
+        server.kill()
+        await quotas.renew(held)
+        assert errors == ["renew"]
+        await quotas.renew(None)  # admitted unmetered (store down, fail open): nothing to renew
+    finally:
+        server.start()
+        await quotas.close()

@@ -64,20 +64,15 @@ class SqliteStore(QuotaStore):
         *,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         read_only: bool = False,
-        commit_delay_seconds: float = 0.0,
     ) -> SqliteStore:
         """Open (creating if needed, with its schema) the file.
 
         ``read_only`` opens an existing file for ``usage`` and ``ping`` only
         (``sluice usage`` beside running gateways): it never creates or
-        writes the file. ``commit_delay_seconds`` makes the thread wait that
-        long after a transaction's first job for more to join it: less CPU
-        per request on a moderately busy gateway, that much more latency for
-        every reserve and settle. The default, 0, batches only what queues
-        up while a transaction runs.
+        writes the file.
         """
         path = os.fspath(Path(path))
-        worker = Worker(partial(ops.connect, path, read_only), ops.MergedWrites, commit_delay_seconds)
+        worker = Worker(partial(ops.connect, path, read_only), ops.MergedWrites)
         try:
             await worker.submit(ops.select_one, writes=False)
         except StoreUnavailable as exc:

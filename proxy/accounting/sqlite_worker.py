@@ -105,20 +105,20 @@ class Worker:
     """One thread, one connection; see the module docstring.
 
     ``merged_factory`` makes a batch's accumulator of settle writes (an object
-    with ``apply(conn)`` that empties it). ``commit_delay`` is how long the
-    thread waits after a batch's first job for more to join it: 0 runs at
-    once, which is what callers who wait for their commit want.
+    with ``apply(conn)`` that empties it). A batch starts as soon as its first
+    job arrives: every caller waits for its commit (a reserve before the
+    upstream call, a settle before the client's last bytes), so a commit
+    delay would be latency on every request; under load, what queues while
+    one transaction runs fills the next by itself.
     """
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection], merged_factory: Callable[[], Any],
-                 commit_delay: float = 0.0):
+    def __init__(self, connect: Callable[[], sqlite3.Connection], merged_factory: Callable[[], Any]):
         self._connect = connect
         self._merged_factory = merged_factory
-        self._commit_delay = commit_delay
         self._lock = threading.Lock()
         self._pending: list[Job[Any]] = []
         self._has_jobs = threading.Event()
-        self._stopping = threading.Event()  # also cuts the commit delay short
+        self._stopping = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="sluice-sqlite", daemon=True)
         self._thread.start()
@@ -155,8 +155,6 @@ class Worker:
         conn: sqlite3.Connection | None = None
         while True:
             self._has_jobs.wait()
-            if self._commit_delay:
-                self._stopping.wait(self._commit_delay)
             jobs = self._take()
             for start in range(0, len(jobs), _MAX_BATCH):
                 conn = self._run_batch(conn, jobs[start : start + _MAX_BATCH])
