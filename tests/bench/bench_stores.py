@@ -103,6 +103,31 @@ async def run_stores(configs: dict[str, AccountingConfig], requests: int, concur
             print(f"{name:8} {label:24} {wall_1:9.1f} {cpu_1:9.1f} {wall_n:9.1f} {cpu_n:9.1f}", flush=True)
 
 
+async def redis_memory_per_settle(url: str, requests: int) -> float:
+    """Redis memory (``INFO memory``) per settled request without a ledger entry: the settled-marker
+    each settle leaves for ``SETTLED_MEMORY_SECONDS``."""
+    import redis as redis_py
+
+    from proxy.accounting.redis_store import RedisStore
+
+    store = RedisStore(url)
+    with redis_py.Redis.from_url(url) as admin:
+        admin.flushall()
+        now = time.time()
+
+        async def settle_many(n: int) -> None:
+            held = await asyncio.gather(*(store.reserve(SUBJECTS, 1, 1, now) for _ in range(n)))
+            await asyncio.gather(*(store.settle(r, 1, 1, now) for r in held))
+
+        await settle_many(1000)  # scripts loaded, the window counters exist
+        before = admin.info("memory")["used_memory"]
+        for _ in range(requests // 1000):
+            await settle_many(1000)
+        after = admin.info("memory")["used_memory"]
+    await store.close()
+    return (after - before) / (requests // 1000 * 1000)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=5000)
@@ -123,6 +148,9 @@ async def main() -> None:
             configs["redis"] = AccountingConfig(store="redis", redis_url=server.url)
         try:
             await run_stores({k: v for k, v in configs.items() if k in wanted}, args.requests, args.concurrency)
+            if "redis" in configs:
+                per_settle = await redis_memory_per_settle(configs["redis"].redis_url, 20_000)
+                print(f"redis memory per settled request (its settled-marker): {per_settle:.0f} bytes")
         finally:
             if server is not None:
                 server.stop()
