@@ -257,3 +257,24 @@ async def test_a_bad_settle_fails_its_caller_alone(tmp_path):
         assert (await store.usage(now=T0)).teams["research"].day.requests == 3
     finally:
         await store.close()
+
+
+async def test_a_gateway_of_the_version_that_claimed_the_file_is_kept_out(tmp_path):
+    import fcntl
+    import os
+
+    path = str(tmp_path / "sluice.db")
+    old = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what the previous version held while it ran
+        with pytest.raises(StoreUnavailable, match="older version"):
+            await SqliteStore.open(path)
+        fcntl.flock(old, fcntl.LOCK_UN)
+        store = await SqliteStore.open(path)
+        try:  # and the other way round: the previous version's claim now fails
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(old, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            await store.close()
+    finally:
+        os.close(old)

@@ -9,7 +9,8 @@ Design, and why:
   transaction that reads the counters, decides with ``quota.decide`` and
   writes the outcome: SQLite lets one writer at a time into a WAL file,
   across processes, so no other process counts between the read and the
-  write. Nothing claims the file for one process any more.
+  write. Nothing claims the file for one process any more (a shared lock
+  on ``<path>.lock`` only keeps out a gateway of the version that did).
 - ``sqlite3`` blocks, so every transaction runs on the store's own thread
   (``sqlite_worker``); the event loop only queues and awaits. What is queued
   while a transaction runs forms the next one (group commit): a busy
@@ -31,6 +32,7 @@ Design, and why:
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 from functools import partial
@@ -56,6 +58,7 @@ class SqliteStore(QuotaStore):
         self._worker = worker
         self._read_only = read_only
         self._next_prune = 0.0
+        self._share_fd: int | None = None
 
     @classmethod
     async def open(
@@ -72,16 +75,20 @@ class SqliteStore(QuotaStore):
         writes the file.
         """
         path = os.fspath(Path(path))
+        share_fd = None if read_only else _share(path)
         worker = Worker(partial(ops.connect, path, read_only), ops.MergedWrites)
         try:
             await worker.submit(ops.select_one, writes=False)
-        except StoreUnavailable as exc:
+        except BaseException as exc:
             await worker.stop()
-            raise StoreUnavailable(f"cannot open {path}: {exc}") from exc
-        except BaseException:
-            await worker.stop()
+            if share_fd is not None:
+                os.close(share_fd)
+            if isinstance(exc, StoreUnavailable):
+                raise StoreUnavailable(f"cannot open {path}: {exc}") from exc
             raise
-        return cls(path, worker, lease_seconds, read_only)
+        store = cls(path, worker, lease_seconds, read_only)
+        store._share_fd = share_fd
+        return store
 
     def _writable(self) -> None:
         if self._read_only:
@@ -144,6 +151,9 @@ class SqliteStore(QuotaStore):
 
     async def close(self) -> None:
         await self._worker.stop()
+        if self._share_fd is not None:
+            os.close(self._share_fd)  # releases the shared lock
+            self._share_fd = None
 
     def _maybe_prune(self, now: float) -> None:
         """Once a minute, queue a prune ahead of this reserve (same transaction, nobody waits for it)."""
@@ -152,6 +162,31 @@ class SqliteStore(QuotaStore):
         self._next_prune = now + _PRUNE_EVERY_SECONDS
         future = self._worker.submit(partial(ops.prune, now=now), writes=True)
         future.add_done_callback(_ignore_outcome)
+
+
+def _share(path: str) -> int:
+    """A shared lock on ``<path>.lock`` for as long as the store is open.
+
+    Versions of Sluice before the counters moved into the file kept them in
+    memory and took this lock exclusively; the shared lock keeps one of
+    those and one of these from splitting a team's limits on one file
+    during an upgrade (whichever comes second refuses to open), while any
+    number of current processes share the file.
+    """
+    lock_path = f"{path}.lock"
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StoreUnavailable(f"cannot create the sqlite lock file {lock_path}: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise StoreUnavailable(
+            f"the sqlite store {path} is in use by a gateway of an older version, which keeps its limits "
+            "in memory; stop it first"
+        ) from None
+    return fd
 
 
 def _ignore_outcome(future) -> None:
