@@ -278,3 +278,21 @@ async def test_a_gateway_of_the_version_that_claimed_the_file_is_kept_out(tmp_pa
             await store.close()
     finally:
         os.close(old)
+
+
+async def test_counters_expire_with_their_window_and_slot_counts_never(tmp_path):
+    from proxy.accounting.quota import plan
+
+    path = str(tmp_path / "sluice.db")
+    store = await SqliteStore.open(path)
+    held = subjects() + [Subject("key", "bob", LimitsConfig(max_concurrent_requests=2))]
+    try:
+        reservation = await store.reserve(held, 10, 10, T0)
+        await store.settle(reservation, 10, 5, T0 + 1)
+    finally:
+        await store.close()
+    with sqlite3.connect(path) as conn:
+        expires = dict(conn.execute("SELECT counter, expires FROM quota_counters"))
+    conn.close()
+    wanted = {check.counter: check.expires for check in plan(held, T0).checks}
+    assert expires == wanted  # concurrency counts: math.inf

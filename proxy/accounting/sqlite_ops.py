@@ -30,12 +30,12 @@ from __future__ import annotations
 
 import math
 import sqlite3
-from functools import lru_cache
 from typing import Any, NamedTuple, Sequence
 from urllib.parse import quote
 
 from proxy.accounting.ledger import LedgerEntry, UsageRow, entry_rows
 from proxy.accounting.quota import CONCURRENCY, REQUESTS, Plan, Rejection, Reservation, decide
+from proxy.accounting.sqlite_batch import CounterView
 from proxy.accounting.store import RESERVATION_MEMORY_SECONDS
 
 # How long a write waits for a writer outside this store (``sqlite3`` in a shell,
@@ -90,22 +90,6 @@ _MIGRATE_QUOTA_USAGE = (
     "DROP TABLE quota_usage",
 )
 
-_ADD_COUNTER = (
-    "INSERT INTO quota_counters (counter, value, expires) VALUES (?, ?, ?) "
-    "ON CONFLICT (counter) DO UPDATE SET value = value + excluded.value, expires = max(expires, excluded.expires)"
-)
-# A settle corrects only counters that still exist: one pruned has ended its window.
-_CORRECT_COUNTER = "UPDATE quota_counters SET value = value + ? WHERE counter = ?"
-_INSERT_LEDGER = (
-    "INSERT INTO ledger (time, request_id, key, team, model, prompt_tokens, completion_tokens, status, moderated) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-)
-_ADD_USAGE_TOTALS = (
-    "INSERT INTO usage_totals (period, team, key, requests, prompt_tokens, completion_tokens) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (period, team, key) DO UPDATE SET "
-    "requests = requests + excluded.requests, prompt_tokens = prompt_tokens + excluded.prompt_tokens, "
-    "completion_tokens = completion_tokens + excluded.completion_tokens"
-)
 # The live-slot count never expires by time: it is corrected by the slots that do.
 _SLOT_COUNT_EXPIRES = math.inf
 
@@ -141,39 +125,6 @@ def connect(path: str, read_only: bool) -> sqlite3.Connection:
     return conn
 
 
-class MergedWrites:
-    """A batch's settle and record writes, summed per row, so a busy gateway writes each
-    counter and each totals row once per commit however many requests settled in it."""
-
-    def __init__(self) -> None:
-        self.counters: dict[str, int] = {}
-        self.totals: dict[tuple[str, str, str], list[int]] = {}
-        self.ledger: list[tuple[Any, ...]] = []
-
-    def correct(self, counter: str, delta: int) -> None:
-        self.counters[counter] = self.counters.get(counter, 0) + delta
-
-    def add_entry(self, row: tuple[Any, ...], totals: Sequence[UsageRow]) -> None:
-        self.ledger.append(row)
-        for total in totals:
-            merged = self.totals.setdefault((total.period, total.team, total.key), [0, 0, 0])
-            merged[0] += total.requests
-            merged[1] += total.prompt_tokens
-            merged[2] += total.completion_tokens
-
-    def apply(self, conn: sqlite3.Connection) -> None:
-        """Write what was gathered and start again empty."""
-        if self.counters:
-            conn.executemany(_CORRECT_COUNTER, [(delta, c) for c, delta in self.counters.items() if delta])
-            self.counters = {}
-        if self.totals:
-            conn.executemany(_ADD_USAGE_TOTALS, [(*ident, *sums) for ident, sums in self.totals.items()])
-            self.totals = {}
-        if self.ledger:
-            conn.executemany(_INSERT_LEDGER, self.ledger)
-            self.ledger = []
-
-
 def ledger_row(entry: LedgerEntry) -> tuple[tuple[Any, ...], tuple[UsageRow, UsageRow]]:
     """The entry's ledger columns and totals rows, as plain checked values (built on the event loop,
     so a malformed entry fails its own caller, never the batch it would have joined)."""
@@ -186,45 +137,37 @@ def ledger_row(entry: LedgerEntry) -> tuple[tuple[Any, ...], tuple[UsageRow, Usa
     return row, entry_rows(entry)
 
 
-@lru_cache(maxsize=64)
-def _select_counters(n: int) -> str:
-    return f"SELECT counter, value FROM quota_counters WHERE counter IN ({', '.join('?' * n)})"
-
-
 def _marker(reservation_id: str) -> str:
     return f"r:{reservation_id}"
 
 
-def _expire_slots(conn: sqlite3.Connection, now: float) -> None:
+def _expire_slots(batch: Any, now: float) -> None:
     """Delete every slot whose lease ended by ``now`` and count it out of its subject's count."""
-    expired: dict[str, int] = {}
-    for (subject,) in conn.execute("DELETE FROM quota_slots WHERE deadline <= ? RETURNING subject", (now,)):
-        expired[subject] = expired.get(subject, 0) + 1
-    if expired:
-        conn.executemany(_CORRECT_COUNTER, [(-n, subject) for subject, n in expired.items()])
+    for (subject,) in batch.conn.execute("DELETE FROM quota_slots WHERE deadline <= ? RETURNING subject", (now,)):
+        batch.view.correct(subject, -1)
 
 
 def reserve(batch: Any, request_plan: Plan, prompt_tokens: int, max_tokens: int, now: float,
             reservation_id: str, lease_seconds: float) -> Reservation | Rejection:
     """Read every counter of the plan, decide, and on admission count the request in all of them."""
-    batch.flush()  # settles queued before this reserve count
     conn: sqlite3.Connection = batch.conn
+    view: CounterView = batch.view
     checks = request_plan.checks
     if request_plan.slots:
-        _expire_slots(conn, now)
-    names = [check.counter for check in checks]
-    values = dict(conn.execute(_select_counters(len(names)), names).fetchall()) if names else {}
-    observed = [values.get(name, 0) for name in names]
+        _expire_slots(batch, now)
+    observed = view.read(conn, [check.counter for check in checks])
     outcome = decide(request_plan, observed, prompt_tokens, max_tokens, now, reservation_id)
     if isinstance(outcome, Rejection):
         return outcome
-    adds = [(_marker(reservation_id), 1, now + RESERVATION_MEMORY_SECONDS)]
     for check in checks:
         if check.kind == CONCURRENCY:
-            adds.append((check.counter, 1, _SLOT_COUNT_EXPIRES))
+            view.add(check.counter, 1, _SLOT_COUNT_EXPIRES)
         else:
-            adds.append((check.counter, 1 if check.kind == REQUESTS else outcome.reserved_tokens, check.expires))
-    conn.executemany(_ADD_COUNTER, adds)
+            view.add(check.counter, 1 if check.kind == REQUESTS else outcome.reserved_tokens, check.expires)
+    # The marker and the slots are rows of their own, written at once: a settle in the
+    # same batch deletes them.
+    conn.execute("INSERT INTO quota_counters (counter, value, expires) VALUES (?, 1, ?)",
+                 (_marker(reservation_id), now + RESERVATION_MEMORY_SECONDS))
     if request_plan.slots:
         deadline = now + lease_seconds
         conn.executemany("INSERT INTO quota_slots (reservation, subject, deadline) VALUES (?, ?, ?)",
@@ -254,23 +197,23 @@ def settle(batch: Any, reservation: Settled, used_tokens: int,
     conn: sqlite3.Connection = batch.conn
     if not conn.execute("DELETE FROM quota_counters WHERE counter = ?", (_marker(reservation.id),)).rowcount:
         return False
-    merged: MergedWrites = batch.merged
+    view: CounterView = batch.view
     delta = used_tokens - reservation.reserved_tokens
     if delta:
         for counter in reservation.charges:
-            merged.correct(counter, delta)
+            view.correct(counter, delta)
     if reservation.slots:
         # a slot whose lease had ended is gone already, and was counted out then
         for (subject,) in conn.execute("DELETE FROM quota_slots WHERE reservation = ? RETURNING subject",
                                        (reservation.id,)):
-            merged.correct(subject, -1)
+            view.correct(subject, -1)
     if entry is not None:
-        merged.add_entry(*entry)
+        view.add_entry(*entry)
     return True
 
 
 def record(batch: Any, entry: tuple[tuple[Any, ...], Sequence[UsageRow]]) -> None:
-    batch.merged.add_entry(*entry)
+    batch.view.add_entry(*entry)
 
 
 def renew(batch: Any, reservation_id: str, now: float, lease_seconds: float) -> int:
@@ -287,12 +230,13 @@ def renew(batch: Any, reservation_id: str, now: float, lease_seconds: float) -> 
 
 def prune(batch: Any, now: float) -> None:
     """Forget ended windows, expired slots and reservations never settled within a day."""
-    batch.flush()
-    _expire_slots(batch.conn, now)
+    _expire_slots(batch, now)
+    batch.flush()  # the view is written and forgotten: the DELETE below acts on the file
     batch.conn.execute("DELETE FROM quota_counters WHERE expires <= ?", (now,))
 
 
 def read_usage_rows(batch: Any, periods: tuple[str, str]) -> list[UsageRow]:
+    batch.flush()  # the totals this batch's settles added
     cursor = batch.conn.execute(
         "SELECT period, team, key, requests, prompt_tokens, completion_tokens FROM usage_totals WHERE period IN (?, ?)",
         periods,

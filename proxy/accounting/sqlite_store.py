@@ -42,6 +42,7 @@ from typing import Sequence
 from proxy.accounting import sqlite_ops as ops
 from proxy.accounting.ledger import LedgerEntry, UsageReport, build_report, period_keys
 from proxy.accounting.quota import Rejection, Reservation, Subject, plan, validate_amounts
+from proxy.accounting.sqlite_batch import CounterView
 from proxy.accounting.sqlite_worker import Worker
 from proxy.accounting.store import DEFAULT_LEASE_SECONDS, QuotaStore, StoreUnavailable
 
@@ -76,7 +77,7 @@ class SqliteStore(QuotaStore):
         """
         path = os.fspath(Path(path))
         share_fd = None if read_only else _share(path)
-        worker = Worker(partial(ops.connect, path, read_only), ops.MergedWrites)
+        worker = Worker(partial(ops.connect, path, read_only), CounterView)
         try:
             await worker.submit(ops.select_one, writes=False)
         except BaseException as exc:

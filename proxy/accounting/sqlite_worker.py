@@ -39,18 +39,18 @@ _MAX_BATCH = 512
 
 
 class Batch:
-    """What a job gets: the connection inside the open transaction, and ``merged``, the
-    settle writes gathered so far (summed per row, written before any read and at commit)."""
+    """What a job gets: the connection inside the open transaction, and ``view``, the
+    transaction's view of the counters and the writes it still owes (``sqlite_batch``)."""
 
-    def __init__(self, conn: sqlite3.Connection, merged: Any):
+    def __init__(self, conn: sqlite3.Connection, view: Any):
         self.conn = conn
-        self.merged = merged
+        self.view = view
 
     def flush(self) -> None:
-        """Write the gathered settle writes, so what runs next reads them. A failure here,
-        whoever called it, rolls back the whole batch: the writes are those of many jobs."""
+        """Write what the view owes, so SQL that runs next sees it. A failure here, whoever
+        called it, rolls back the whole batch: the writes are those of many jobs."""
         try:
-            self.merged.apply(self.conn)
+            self.view.apply(self.conn)
         except sqlite3.Error:
             raise
         except Exception as exc:
@@ -104,17 +104,17 @@ def _failed(batch: list[Job[Any]], exc: BaseException) -> list[tuple[None, BaseE
 class Worker:
     """One thread, one connection; see the module docstring.
 
-    ``merged_factory`` makes a batch's accumulator of settle writes (an object
-    with ``apply(conn)`` that empties it). A batch starts as soon as its first
+    ``view_factory`` makes a batch's view of the counters (an object with
+    ``apply(conn)`` that writes what it owes and empties it). A batch starts as soon as its first
     job arrives: every caller waits for its commit (a reserve before the
     upstream call, a settle before the client's last bytes), so a commit
     delay would be latency on every request; under load, what queues while
     one transaction runs fills the next by itself.
     """
 
-    def __init__(self, connect: Callable[[], sqlite3.Connection], merged_factory: Callable[[], Any]):
+    def __init__(self, connect: Callable[[], sqlite3.Connection], view_factory: Callable[[], Any]):
         self._connect = connect
-        self._merged_factory = merged_factory
+        self._view_factory = view_factory
         self._lock = threading.Lock()
         self._pending: list[Job[Any]] = []
         self._has_jobs = threading.Event()
@@ -170,7 +170,7 @@ class Worker:
                 conn = self._connect()
             # A batch of reads only must not take the write lock from a gateway beside it.
             conn.execute("BEGIN IMMEDIATE" if any(job.writes for job in batch) else "BEGIN")
-            state = Batch(conn, self._merged_factory())
+            state = Batch(conn, self._view_factory())
             for index, job in enumerate(batch):
                 try:
                     results.append((job.run(state), None))
