@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .accounting import (
+    DEFAULT_LEASE_SECONDS,
     LedgerEntry,
     QuotaStore,
     Rejection,
@@ -29,8 +30,24 @@ from .logs import log
 
 # Settles that failed are retried this often, oldest first, while the store stays down.
 SETTLE_RETRY_SECONDS = 1.0
+# The longest ``settle_durably`` holds a request before its last bytes. A settle
+# takes well under a millisecond when the store works, and a store that is down
+# fails within its own timeout (redis: 2 s per batch, retried once on a new
+# connection; sqlite: a lock held elsewhere for 5 s), after which the settle is
+# queued for retry. The bound stops a store that hangs from holding every
+# client's answer: past it, the settle carries on in the background.
+SETTLE_WAIT_SECONDS = 2.0
+# How often a running request should ``renew`` its concurrency lease: a third of
+# the lease, so two renewals can fail before the slot is freed.
+LEASE_RENEW_SECONDS = DEFAULT_LEASE_SECONDS / 3
 # At most this many failed settles wait for the store; beyond it the oldest are dropped (and logged).
 MAX_PENDING_SETTLES = 100_000
+
+
+def _wake(waiter: asyncio.Future[bool]) -> None:
+    """The wait bound passed: ``settle_durably`` returns ``True`` (timed out) to its caller's code."""
+    if not waiter.done():
+        waiter.set_result(True)
 
 
 class QuotaRejected(GatewayError):
@@ -86,19 +103,78 @@ class Quotas:
             raise QuotaRejected(decision)
         return decision
 
+    async def settle_durably(self, reservation: Reservation | None, entry: LedgerEntry) -> None:
+        """Settle, and return once the ledger row and the counters are committed.
+
+        For the request path, before the client's final bytes (``[DONE]``, or
+        a non-streamed body): a client that has its answer is then in the
+        ledger even if the process is killed the next moment. Committed means
+        what the store can promise: memory applied, sqlite committed in the
+        WAL, redis the script ran.
+
+        Never raises into the request path and never waits longer than
+        ``SETTLE_WAIT_SECONDS``: when the store is unavailable the settle is
+        queued for retry (as ``settle`` does) and this returns; when the store
+        is slow past the bound, the settle carries on in the background (and
+        is retried if it then fails) and this returns. Cancelling the caller
+        (the client left) does not cancel the settle.
+        """
+        # A bare future, woken by the settle task as it ends or by the timer: cheaper than
+        # wait_for and shield (each costs loop turns), and cancelling it leaves the task alone.
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._start(reservation, entry, waiter)
+        timer = loop.call_later(SETTLE_WAIT_SECONDS, _wake, waiter)
+        try:
+            timed_out = await waiter
+        finally:
+            timer.cancel()
+        if timed_out:
+            log.warning("settle still running after the wait bound; it continues in the background",
+                        request_id=entry.request_id, bound_seconds=SETTLE_WAIT_SECONDS)
+
     def settle(self, reservation: Reservation | None, entry: LedgerEntry) -> None:
-        """Settle in the background; ``drain`` waits for every settle at shutdown."""
-        task = asyncio.get_running_loop().create_task(self._settle(reservation, entry))
+        """Settle in the background (for paths that cannot wait, e.g. a client that left);
+        ``drain`` waits for every settle at shutdown."""
+        self._start(reservation, entry)
+
+    def _start(self, reservation: Reservation | None, entry: LedgerEntry,
+               waiter: asyncio.Future[bool] | None = None) -> None:
+        task = asyncio.get_running_loop().create_task(self._settle(reservation, entry, waiter))
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
-    async def _settle(self, reservation: Reservation | None, entry: LedgerEntry) -> None:
+    async def renew(self, reservation: Reservation | None) -> None:
+        """Extend the concurrency lease of a request still running (call every ``LEASE_RENEW_SECONDS``).
+
+        Without it a stream open longer than the lease loses its slot while
+        still open, and slow readers could exceed ``max_concurrent_requests``.
+        A store error is logged and counted, never raised: the next renewal
+        tries again, and the lease outlasts two missed ones.
+        """
+        if reservation is None or not reservation.slots:
+            return
+        try:
+            await self.store.renew(reservation, time.time())
+        except StoreUnavailable as exc:
+            self._on_store_error("renew")
+            log.warning("quota store unavailable; lease not renewed", error=str(exc))
+
+    async def _settle(self, reservation: Reservation | None, entry: LedgerEntry,
+                      waiter: asyncio.Future[bool] | None) -> None:
+        """A task of its own, so a client that leaves cannot cancel it; ``waiter`` (if any) is told
+        the moment it is committed, or queued for retry."""
         try:
             await self._apply(reservation, entry)
         except StoreUnavailable as exc:
             self._on_store_error("settle")
             log.warning("quota store unavailable; settle will be retried", error=str(exc), request_id=entry.request_id)
             self._keep_for_retry(reservation, entry)
+        except Exception:  # a bug, not an outage: retrying would fail the same way
+            log.exception("settle failed; the request is not in the ledger", request_id=entry.request_id)
+        finally:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(False)
 
     async def _apply(self, reservation: Reservation | None, entry: LedgerEntry) -> None:
         if reservation is None:

@@ -86,6 +86,14 @@ class RedisServer:
             self._process.wait()
         self._process = None
 
+    def kill(self) -> None:
+        """``kill -9``: no shutdown, no save (nothing is persisted anyway); ``start`` brings it back empty."""
+        if self._process is None:
+            return
+        self._process.kill()
+        self._process.wait()
+        self._process = None
+
     def _answers_ping(self) -> bool:
         try:
             with socket.create_connection((LOOPBACK, self.port), timeout=0.5) as sock:

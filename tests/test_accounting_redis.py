@@ -20,7 +20,7 @@ from proxy.accounting import (
     Reservation,
     StoreUnavailable,
     Subject,
-    redis_store,
+    redis_scripts,
 )
 from proxy.accounting.quota import plan
 from proxy.accounting.redis_store import RedisStore
@@ -143,8 +143,8 @@ async def test_a_reserve_run_twice_counts_once(replicas):
     subjects = team_with(requests_per_minute=10, tokens_per_minute=1000, max_concurrent_requests=3)
     request_plan = plan(subjects, T0)
     keys, args = store._reserve_arguments(request_plan, "retried", 100, 200, T0)
-    first = await store._run(redis_store._RESERVE, keys, args)
-    again = await store._run(redis_store._RESERVE, keys, args)
+    first = await store._run(redis_scripts.RESERVE, keys, args)
+    again = await store._run(redis_scripts.RESERVE, keys, args)
     assert first == again
     probe = await store.reserve(subjects, 0, 1, T0)
     assert probe.requests.remaining == 10 - 2

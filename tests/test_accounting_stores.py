@@ -164,7 +164,11 @@ async def test_all_stores_decide_alike(request, tmp_path):
     now = float(T0)
     try:
         for _ in range(400):
-            now += rng.choice([0.0, 0.5, 3.0, 20.0])
+            now += rng.choice([0.0, 0.5, 3.0, 20.0, 250.0])
+            if open_reservations and rng.random() < 0.15:  # a long stream renews its lease
+                for store, reservation in zip(stores, rng.choice(open_reservations)):
+                    await store.renew(reservation, now)
+                continue
             if open_reservations and rng.random() < 0.45:
                 held = open_reservations.pop(rng.randrange(len(open_reservations)))
                 prompt = held[0].prompt_tokens
@@ -181,3 +185,30 @@ async def test_all_stores_decide_alike(request, tmp_path):
     finally:
         for store in stores:
             await store.close()
+
+
+async def test_a_renewed_reservation_keeps_its_slot_past_the_first_lease(store):
+    subjects = team_with(max_concurrent_requests=1)
+    held = await store.reserve(subjects, 1, 1, T0)
+    third = DEFAULT_LEASE_SECONDS / 3
+    for renewal in range(1, 7):  # a stream open for two leases, renewed every third of one
+        await store.renew(held, T0 + renewal * third)
+    assert isinstance(await store.reserve(subjects, 1, 1, T0 + 2 * DEFAULT_LEASE_SECONDS + 1), Rejection)
+    # unrenewed from here: the slot frees a lease after the last renewal
+    assert isinstance(await store.reserve(subjects, 1, 1, T0 + 3 * DEFAULT_LEASE_SECONDS - 0.5), Rejection)
+    assert isinstance(await store.reserve(subjects, 1, 1, T0 + 3 * DEFAULT_LEASE_SECONDS), Reservation)
+
+
+async def test_renew_never_takes_back_a_slot_that_was_freed(store):
+    subjects = team_with(max_concurrent_requests=1)
+    expired = await store.reserve(subjects, 1, 1, T0)
+    successor = await store.reserve(subjects, 1, 1, T0 + DEFAULT_LEASE_SECONDS)  # the lease ended: room again
+    assert isinstance(successor, Reservation)
+    await store.renew(expired, T0 + DEFAULT_LEASE_SECONDS + 1)  # too late: not held any more
+    await store.settle(successor, 1, 1, T0 + DEFAULT_LEASE_SECONDS + 2)
+    assert isinstance(await store.reserve(subjects, 1, 1, T0 + DEFAULT_LEASE_SECONDS + 3), Reservation)
+    settled = await store.reserve(team_with(max_concurrent_requests=5), 1, 1, T0)
+    await store.settle(settled, 1, 1, T0 + 1)
+    await store.renew(settled, T0 + 2)  # settled: nothing to renew, and no error
+    no_slots = await store.reserve(team_with(), 1, 1, T0)
+    await store.renew(no_slots, T0 + 1)

@@ -687,10 +687,12 @@ async def test_sqlite_store_unwritable_at_runtime_then_fixed(mock_upstream, star
     assert all(p.exists() for p in frozen)
     _immutable(frozen, True)
     try:
+        # The limits live in the file (shared by every worker), so a reserve needs it writable:
+        # with on_store_error: reject (the default) the request is refused, cleanly.
         status, _, text = await post(gw.v1 + "/chat/completions", chat("while frozen"))
-        assert status == 200, text  # the answer does not depend on the ledger being writable
+        assert_openai_error(status, text, 503, "store_unavailable")
         await gw.server.gateway.quotas.drain()
-        errors = metric_value(await metrics_text(gw), "sluice_store_errors_total", '{operation="settle",store="sqlite"}')
+        errors = metric_value(await metrics_text(gw), "sluice_store_errors_total", '{operation="reserve",store="sqlite"}')
         assert errors == 1.0
         async with aiohttp.ClientSession() as session:
             async with session.get(gw.url + "/readyz") as ready:  # a probe, as Kubernetes sends them
@@ -702,7 +704,7 @@ async def test_sqlite_store_unwritable_at_runtime_then_fixed(mock_upstream, star
         assert status == 200, body
         await gw.server.gateway.quotas.drain()  # one settle per write batch
     spent = await usage_of(gw)
-    # The warm-up and both requests after the fix; the one while frozen is lost (and counted as a store error).
+    # The warm-up and both requests after the fix; the one while frozen was refused (and counted as a store error).
     assert spent["requests"] == 3, f"{spent} (/readyz said {ready_status} while frozen)"
     await assert_no_leaks(gw, baseline)
 

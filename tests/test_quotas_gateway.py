@@ -185,16 +185,21 @@ async def assert_settled_once_back(quotas, answer: str, within_seconds: float) -
 async def test_a_settle_the_sqlite_file_refused_is_written_once_it_is_free(mock_upstream, start_gateway, tmp_path, monkeypatch):
     import sqlite3
 
-    from proxy.accounting import sqlite_store
+    from proxy.accounting import sqlite_ops
 
-    monkeypatch.setattr(sqlite_store, "_BUSY_TIMEOUT_MS", 50)  # fail fast while another process holds the file
+    monkeypatch.setattr(sqlite_ops, "BUSY_TIMEOUT_MS", 50)  # fail fast while another process holds the file
     path = str(tmp_path / "sluice.db")
     gw = await start_gateway(limited(mock_upstream.url, team_limits={"tokens_per_day": 10_000}, store="sqlite", sqlite_path=path))
     quotas = gw.server.gateway.quotas
+    # Admitted first (a reserve needs the file too), then the file is taken while the stream runs.
+    stream = await client(gw).chat.completions.create(
+        **chat("written later"), stream=True, extra_body={"mock": {"stall_after": {"chunks": 1, "ms": 300}}}
+    )
     blocker = sqlite3.connect(path, isolation_level=None)
     blocker.execute("BEGIN EXCLUSIVE")
     try:
-        await client(gw).chat.completions.create(**chat("written later"))
+        async for _ in stream:
+            pass
         await quotas.drain()
         assert quotas.pending_settles == 1
     finally:

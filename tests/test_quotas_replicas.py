@@ -1,4 +1,4 @@
-"""Limits that hold across gateway processes: two replicas on one Redis, restarts on SQLite."""
+"""Limits that hold across gateway processes: two replicas on one Redis or on one SQLite file, restarts on SQLite."""
 
 from __future__ import annotations
 
@@ -54,6 +54,33 @@ async def test_two_replicas_never_admit_past_a_token_limit(mock_upstream, redis_
     used = report["teams"]["research"]
     assert 0 < used["total_tokens"] <= 2000
     assert mock_upstream.state.requests and len(mock_upstream.state.requests) == used["requests"]
+
+
+async def test_two_gateways_on_one_sqlite_file_hold_one_request_limit(mock_upstream, tmp_path):
+    config = gateway_config(mock_upstream.url)
+    config["teams"][0]["limits"] = {"requests_per_minute": 20}
+    config["accounting"] = {"store": "sqlite", "sqlite_path": str(tmp_path / "shared.db")}
+    async with GatewayProcess(config, tmp_path / "a.yaml") as a, GatewayProcess(config, tmp_path / "b.yaml") as b:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=400)) as session:
+            statuses = [s for batch in await asyncio.gather(fire(session, a.url, 30), fire(session, b.url, 30)) for s in batch]
+    assert statuses.count(200) == 20, statuses
+    assert statuses.count(429) == 40
+
+
+async def test_two_gateways_on_one_sqlite_file_never_admit_past_a_token_limit(mock_upstream, tmp_path):
+    config = gateway_config(mock_upstream.url)
+    config["teams"][0]["limits"] = {"tokens_per_minute": 2000}
+    config["accounting"] = {"store": "sqlite", "sqlite_path": str(tmp_path / "shared.db")}
+    body = chat("tokens please", max_tokens=50)
+    async with GatewayProcess(config, tmp_path / "a.yaml") as a, GatewayProcess(config, tmp_path / "b.yaml") as b:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=400)) as session:
+            await asyncio.gather(fire(session, a.url, 60, body=body), fire(session, b.url, 60, body=body))
+            await asyncio.sleep(0.2)
+            async with session.get(b.url + "/admin/usage?period=day", headers={"Authorization": f"Bearer {ADMIN}"}) as resp:
+                report = await resp.json()
+    used = report["teams"]["research"]
+    assert 0 < used["total_tokens"] <= 2000
+    assert len(mock_upstream.state.requests) == used["requests"]
 
 
 async def test_sqlite_day_budget_survives_a_restart_and_a_kill(mock_upstream, tmp_path):

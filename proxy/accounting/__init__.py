@@ -2,7 +2,9 @@
 
 The gateway needs only what is exported here: build the ``Subject``s of a
 request (its key and its team), ``reserve`` before calling upstream,
-``settle`` after (with the ``LedgerEntry``), and read ``usage``.
+``renew`` a long request's concurrency lease while it runs, ``settle``
+after (with the ``LedgerEntry``), and read ``usage``. ``proxy.quotas``
+wraps these for the request path (``Quotas.settle_durably``).
 """
 
 from proxy.accounting.ledger import (

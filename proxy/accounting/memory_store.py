@@ -1,4 +1,4 @@
-"""Counters in the process's memory: the ``memory`` store, and the live half of the ``sqlite`` store.
+"""Counters in the process's memory: the ``memory`` store (one process, tests and the demo).
 
 asyncio runs one coroutine at a time and ``MemoryQuota`` never awaits, so a
 reserve reads, decides and writes all counters without anything running in
@@ -79,6 +79,15 @@ class MemoryQuota:
             self._slots.get(slot, {}).pop(reservation.id, None)
         return True
 
+    def renew(self, reservation: Reservation, now: float) -> None:
+        """Extend the reservation's live slots to ``now`` + the lease; see ``QuotaStore.renew``."""
+        for slot in reservation.slots:
+            holders = self._slots.get(slot)
+            if holders is not None and holders.get(reservation.id, now) > now:
+                # Moved to the end: insertion order stays deadline order (see ``_active_slots``).
+                del holders[reservation.id]
+                holders[reservation.id] = now + self.lease_seconds
+
     def add(self, counter: str, amount: int, expires: float) -> None:
         """Add to a counter that may be forgotten after ``expires`` (also used to load saved totals)."""
         self._counters[counter] = self._counters.get(counter, 0) + amount
@@ -153,6 +162,9 @@ class MemoryStore(QuotaStore):
     ) -> None:
         if self._quota.settle(reservation, prompt_tokens + completion_tokens) and entry is not None:
             self._usage.add(entry_rows(entry))
+
+    async def renew(self, reservation: Reservation, now: float) -> None:
+        self._quota.renew(reservation, now)
 
     async def record(self, entry: LedgerEntry) -> None:
         self._usage.add(entry_rows(entry))

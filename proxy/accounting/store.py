@@ -2,7 +2,8 @@
 
 The decisions are made by ``quota.decide``; a store only makes
 read-decide-write atomic and keeps the numbers: in the process (``memory``),
-in a file (``sqlite``) or shared between replicas (``redis``).
+in a file shared by every process that opens it (``sqlite``) or in Redis,
+shared by replicas (``redis``).
 """
 
 from __future__ import annotations
@@ -50,12 +51,29 @@ class QuotaStore(abc.ABC):
     ) -> None:
         """Replace the reserved tokens by the real ones and free the concurrency slots.
 
+        Returns once the ledger row and the counters are durable as far as
+        the store can make them (memory: applied; sqlite: committed in the
+        WAL; redis: the script ran), and raises ``StoreUnavailable`` when not.
+
         Corrects the windows the reservation was charged to, even if time has
         moved on to new ones. A repeated settle of the same reservation does
         nothing, except finish what a settle that raised ``StoreUnavailable``
         left undone: the caller retries such a settle, and the retry must
         land. ``entry``, if given, is recorded in the same step, so the
         ledger and the counters never disagree about a finished request.
+        """
+
+    @abc.abstractmethod
+    async def renew(self, reservation: Reservation, now: float) -> None:
+        """Extend the lease of every concurrency slot the reservation holds to ``now`` plus the lease.
+
+        For a request that runs longer than the lease (a stream to a slow
+        reader): its caller renews it periodically (every third of the lease
+        leaves room for two missed renewals), so its slot is not freed while
+        it is still open. A slot whose lease has already ended is not taken
+        back (another request may have it now), and a settled reservation
+        holds nothing to renew: both are no-ops, as is a reservation without
+        slots (no I/O then).
         """
 
     @abc.abstractmethod
@@ -83,12 +101,11 @@ async def open_store(
 ) -> QuotaStore:
     """The store ``cfg.store`` names.
 
-    ``read_only`` is for readers of a file another process serves (``sluice
-    usage`` next to a running gateway): a SQLite store normally claims its
-    file for one process, since it keeps the live counters in memory.
-    Raises ``StoreUnavailable`` if a SQLite file cannot be opened or is
-    claimed; a Redis store connects lazily, so a gateway can start (and fail
-    open, if so configured) while Redis is down.
+    ``read_only`` is for readers (``sluice usage``): a SQLite file is then
+    never created or written. Any number of processes may open one SQLite
+    file and share its limits exactly. Raises ``StoreUnavailable`` if a
+    SQLite file cannot be opened; a Redis store connects lazily, so a gateway
+    can start (and fail open, if so configured) while Redis is down.
     """
     # Imported here so that a gateway on one backend never loads the others.
     if cfg.store == "memory":
