@@ -7,6 +7,7 @@ the upstream's failures into the gateway's errors.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -19,7 +20,8 @@ from .gateway import Runtime
 from .logs import log
 from .metrics import Metrics
 from .record import RequestRecord
-from .stream.pipeline import StreamPipeline
+from .quotas import Settlement
+from .stream.pipeline import StreamEnd, StreamPipeline
 from .stream.relay import Relayed, relay
 from .upstream import (
     Upstream,
@@ -142,11 +144,41 @@ async def forward_stream(
     metrics: Metrics,
     record: RequestRecord,
     extra_headers: dict[str, str],
+    settlement: Settlement,
 ) -> web.StreamResponse:
-    """Relay a 200 event stream; the record learns how it ended and what it cost."""
+    """Relay a 200 event stream; the record learns how it ended and what it cost.
+
+    The request is settled durably as soon as the stream's end is known and
+    before its last bytes go out: a client that has the whole answer finds
+    it in the ledger, whatever happens to the process next.
+    """
     server = runtime.settings.server
     pipeline = StreamPipeline(fmt.stream_rewriter(parsed, ctx), server.max_event_bytes)
     relayed: Relayed | None = None
+
+    learnt = False
+
+    def learn(end: StreamEnd) -> None:
+        """What the record says of the stream, once its end is known."""
+        nonlocal learnt
+        if learnt:
+            return
+        learnt = True
+        rewriter = pipeline.rewriter
+        record.add_actions(rewriter.actions, "output")
+        record.prompt_tokens, record.completion_tokens = rewriter.usage(record.prompt_tokens)
+        if end.kind == "client_gone":
+            record.error = "client_closed_request"
+        elif end.code is not None:
+            record.error = end.code
+            record.upstream_error = "mid_stream_timeout" if end.kind == "timeout" else "mid_stream"
+
+    async def before_last_bytes(end: StreamEnd) -> None:
+        learn(end)
+        record.status = 200
+        await settlement.durably()
+
+    renewing = asyncio.get_running_loop().create_task(settlement.keep_alive())
     response = web.StreamResponse(
         status=200,
         headers={
@@ -168,17 +200,13 @@ async def forward_stream(
                 keepalive_seconds=server.keepalive_seconds,
                 read_timeout_seconds=upstream.config.read_timeout_seconds,
                 send_timeout_seconds=server.send_timeout_seconds,
+                before_last_bytes=before_last_bytes,
             )
         finally:
             metrics.active_streams.dec()
         end = relayed.end
         if relayed.first_text_at is not None:
             record.ttft_ms = (relayed.first_text_at - record.started) * 1000
-        if end.kind == "client_gone":
-            record.error = "client_closed_request"
-        elif end.code is not None:
-            record.error = end.code
-            record.upstream_error = "mid_stream_timeout" if end.kind == "timeout" else "mid_stream"
         if end.kind != "client_gone":
             try:
                 await response.write_eof()
@@ -186,12 +214,11 @@ async def forward_stream(
                 pass
         return response
     finally:
-        if relayed is not None and relayed.end.answered and relayed.end.kind == "done":
+        renewing.cancel()
+        if relayed is not None and relayed.end.kind == "done":
             resp.release()
         else:
             # A block, a cap, an error or a client that left: drop the upstream connection at once.
             resp.close()
         # Also when the client left (the handler is being cancelled): what was read counts.
-        rewriter = pipeline.rewriter
-        record.add_actions(rewriter.actions, "output")
-        record.prompt_tokens, record.completion_tokens = rewriter.usage(record.prompt_tokens)
+        learn(pipeline.end or pipeline.client_gone())

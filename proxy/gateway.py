@@ -84,7 +84,7 @@ class Gateway:
 
     async def start(self) -> None:
         store_kind = self.settings.accounting.store
-        for operation in ("reserve", "settle", "ping"):
+        for operation in ("reserve", "settle", "renew", "ping"):
             # Series that exist from zero, so rate() sees the very first failure.
             self.metrics.store_errors.labels(store_kind, operation)
         self.quotas = Quotas(

@@ -225,3 +225,40 @@ class Quotas:
             if self._pending:
                 log.error("the store is still down at shutdown; settles are lost", count=len(self._pending))
         await self.store.close()
+
+
+class Settlement:
+    """Settles one admitted request exactly once (a second settle of an unmetered one would be a second row).
+
+    ``durably`` is awaited before the client's last bytes, so an answer the
+    client has is in the ledger even if the process is killed a moment
+    later; ``in_background`` settles what ended otherwise (a failure, a
+    client that left) without holding anything up. ``entry`` builds the
+    ledger entry from what the request has learnt by then.
+    """
+
+    __slots__ = ("_done", "_entry", "_quotas", "reservation")
+
+    def __init__(self, quotas: Quotas, reservation: Reservation | None, entry: Callable[[], LedgerEntry]):
+        self._quotas = quotas
+        self.reservation = reservation
+        self._entry = entry
+        self._done = False
+
+    async def durably(self) -> None:
+        if not self._done:
+            self._done = True
+            await self._quotas.settle_durably(self.reservation, self._entry())
+
+    def in_background(self) -> None:
+        if not self._done:
+            self._done = True
+            self._quotas.settle(self.reservation, self._entry())
+
+    async def keep_alive(self) -> None:
+        """Renew the concurrency lease while the request runs (a long stream to a slow reader); cancel it at the end."""
+        if self.reservation is None:
+            return
+        while True:
+            await asyncio.sleep(LEASE_RENEW_SECONDS)
+            await self._quotas.renew(self.reservation)

@@ -25,7 +25,7 @@ from ..forward import forward_stream, forward_whole, is_stream, open_upstream, r
 from ..gateway import Gateway, Runtime
 from ..logs import log, log_request
 from ..middleware import FORMAT_KEY, GATEWAY, REQUEST_ID_KEY, client_key, read_body
-from ..quotas import QuotaRejected, limits_tokens
+from ..quotas import QuotaRejected, Settlement, limits_tokens
 from ..record import RequestRecord
 from ..upstream import Upstream, forwarded_response_headers
 from ..upstream_body import upstream_body
@@ -41,8 +41,7 @@ def proxy_handler(fmt: WireFormat) -> Callable[[web.Request], Any]:
         gateway = request.app[GATEWAY]
         runtime = gateway.request_started()  # this request keeps the config it started with
         record = RequestRecord(request[REQUEST_ID_KEY], fmt.endpoint)
-        reservation: Reservation | None = None
-        admitted = False
+        settlement: Settlement | None = None
         try:
             refuse_when_shutting_down(gateway)
             caller = runtime.keyring.authenticate(client_key(request))
@@ -55,7 +54,7 @@ def proxy_handler(fmt: WireFormat) -> Callable[[web.Request], Any]:
             record.prompt_tokens = await _off_loop_if_large(len(body), fmt.prompt_tokens, parsed)
             requested = fmt.requested_tokens(parsed, runtime.settings.accounting.default_max_tokens)
             reservation = await gateway.quotas.reserve(caller, record.prompt_tokens, requested)
-            admitted = True
+            settlement = Settlement(gateway.quotas, reservation, record.ledger_entry)
             extra_headers = reservation.headers() if reservation is not None else {}
             prompt_changed = runtime.moderates("input") and await _off_loop_if_large(
                 len(body), _moderate_input, fmt, runtime, parsed, record
@@ -74,9 +73,13 @@ def proxy_handler(fmt: WireFormat) -> Callable[[web.Request], Any]:
                 fields = {**fields, **fmt.stream_fields(parsed)}
             outgoing = upstream_body(parsed, body, prompt_changed, fields)
             ctx = AnswerContext(parsed.model, runtime.moderation, parsed.client_wants_usage, cap)
-            response = await _forward(fmt, parsed, ctx, request, gateway, runtime, candidates, outgoing, record, extra_headers)
+            response = await _forward(
+                fmt, parsed, ctx, request, gateway, runtime, candidates, outgoing, record, extra_headers, settlement
+            )
             # A client that left mid-stream is a 499 however it was noticed (a failed write or a cancel).
             record.status = 499 if record.error == "client_closed_request" else response.status
+            if not parsed.stream:
+                await settlement.durably()  # in the ledger before the client has the answer
             return response
         except GatewayError as exc:
             record.status, record.error = exc.status, exc.code
@@ -92,8 +95,8 @@ def proxy_handler(fmt: WireFormat) -> Callable[[web.Request], Any]:
             raise
         finally:
             gateway.request_ended(runtime)
-            if admitted:
-                gateway.quotas.settle(reservation, record.ledger_entry())
+            if settlement is not None:
+                settlement.in_background()  # unless it was settled already: a failure, or a client that left
             # The metric samples and the log line are bookkeeping, not part of the answer:
             # they run on the loop's next turn, once aiohttp has sent the response.
             asyncio.get_running_loop().call_soon(_record_request, gateway, record)
@@ -113,6 +116,7 @@ async def _forward(
     body: bytes,
     record: RequestRecord,
     extra_headers: dict[str, str],
+    settlement: Settlement,
 ) -> web.StreamResponse:
     sent_at = time.monotonic()
     upstream, resp = await open_upstream(fmt, request, runtime, gateway.metrics, candidates, body, record)
@@ -129,7 +133,9 @@ async def _forward(
         return web.Response(
             body=answer, status=resp.status, headers={**forwarded_response_headers(resp.headers), **extra_headers}
         )
-    return await forward_stream(fmt, parsed, ctx, request, upstream, resp, runtime, gateway.metrics, record, extra_headers)
+    return await forward_stream(
+        fmt, parsed, ctx, request, upstream, resp, runtime, gateway.metrics, record, extra_headers, settlement
+    )
 
 
 def refuse_when_shutting_down(gateway: Gateway) -> None:

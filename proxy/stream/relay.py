@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -140,8 +141,13 @@ async def relay(
     keepalive_seconds: float,
     read_timeout_seconds: float,
     send_timeout_seconds: float,
+    before_last_bytes: Callable[[StreamEnd], Awaitable[None]],
 ) -> Relayed:
-    """Pump ``upstream`` into ``response`` until the pipeline gives an end or the client leaves."""
+    """Pump ``upstream`` into ``response`` until the pipeline gives an end or the client leaves.
+
+    ``before_last_bytes`` is awaited once the end is known and before the
+    bytes that carry it are written (the durable settle).
+    """
     content = upstream.content
     first_text_at: float | None = None
     clock = StreamClock(keepalive_seconds, read_timeout_seconds, send_timeout_seconds)
@@ -166,6 +172,8 @@ async def relay(
                     await clock.write(response, KEEPALIVE)
                     continue
                 out, end = pipeline.feed(data) if data else pipeline.upstream_closed()
+            if end is not None:
+                await before_last_bytes(end)
             if out:
                 await clock.write(response, out)
                 if first_text_at is None and pipeline.delivered_text:
