@@ -354,8 +354,8 @@ class ChoicesRewriter(EventRewriter):
     def _find_slot(self, data: str, choice: Any, chunk: dict[str, Any]) -> None:
         """After a plain text chunk (one choice, one text field, nothing to finish), remember its shape."""
         core = self._core
-        if not isinstance(choice, dict) or choice.get("finish_reason") or "usage" in chunk:
-            return
+        if not isinstance(choice, dict) or choice.get("finish_reason") or chunk.get("usage"):
+            return  # (OpenAI writes "usage": null on every chunk of a stream that asked for it)
         self._slot_searches -= 1
         original = orjson.loads(data)["choices"][0]  # the text as it came, before the window
         holder = self._shape.holder(original, False)
