@@ -29,8 +29,8 @@ from proxy.accounting.store import (
     DEFAULT_LEASE_SECONDS,
     QuotaStore,
     StoreUnavailable,
-    open_store,
 )
+from proxy.accounting.stores import open_store
 
 __all__ = [
     "DEFAULT_LEASE_SECONDS",

@@ -1,4 +1,4 @@
-"""The quota store interface the gateway talks to, and ``open_store`` to pick one from the config.
+"""The quota store interface the gateway talks to (``open_store`` in ``stores`` picks one from the config).
 
 The decisions are made by ``quota.decide``; a store only makes
 read-decide-write atomic and keeps the numbers: in the process (``memory``),
@@ -13,7 +13,6 @@ from typing import Sequence
 
 from proxy.accounting.ledger import LedgerEntry, UsageReport
 from proxy.accounting.quota import Rejection, Reservation, Subject
-from proxy.config import AccountingConfig
 
 # How long a concurrency slot is held when its request is never settled (the
 # process died). It must outlast the longest legitimate request, since a slot
@@ -91,33 +90,3 @@ class QuotaStore(abc.ABC):
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections, files and threads."""
-
-
-async def open_store(
-    cfg: AccountingConfig,
-    *,
-    lease_seconds: float = DEFAULT_LEASE_SECONDS,
-    read_only: bool = False,
-) -> QuotaStore:
-    """The store ``cfg.store`` names.
-
-    ``read_only`` is for readers (``sluice usage``): a SQLite file is then
-    never created or written. Any number of processes may open one SQLite
-    file and share its limits exactly. Raises ``StoreUnavailable`` if a
-    SQLite file cannot be opened; a Redis store connects lazily, so a gateway
-    can start (and fail open, if so configured) while Redis is down.
-    """
-    # Imported here so that a gateway on one backend never loads the others.
-    if cfg.store == "memory":
-        from proxy.accounting.memory_store import MemoryStore
-
-        return MemoryStore(lease_seconds=lease_seconds)
-    if cfg.store == "sqlite":
-        from proxy.accounting.sqlite_store import SqliteStore
-
-        return await SqliteStore.open(cfg.sqlite_path, lease_seconds=lease_seconds, read_only=read_only)
-    if cfg.store == "redis":
-        from proxy.accounting.redis_store import RedisStore
-
-        return RedisStore(cfg.redis_url, lease_seconds=lease_seconds)
-    raise ValueError(f"unknown store {cfg.store!r}")
