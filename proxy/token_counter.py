@@ -77,8 +77,12 @@ class StreamingTokenCounter:
         return self._settled + (_count(self._encoding, self._tail) if self._tail else 0)
 
     def bound(self) -> int:
-        """An upper bound of ``total()`` that costs nothing: a token is at least one UTF-8 byte."""
-        return self._settled + 4 * len(self._tail)
+        """An upper bound of ``total()`` that costs next to nothing: a token is at least one UTF-8 byte.
+
+        Tight right after ``settle_now``, when the tail is a few pieces.
+        """
+        tail = self._tail
+        return self._settled + (len(tail) if tail.isascii() else 4 * len(tail))
 
     def fit(self, text: str, budget: int) -> str:
         """The longest start of ``text`` that keeps ``total()`` within ``budget`` once added."""

@@ -194,9 +194,12 @@ class _Choices:
 
     def _fit(self, state: _Choice, field: _Field, text: str) -> str:
         """``text``, or as much of it as the answer cap leaves this choice."""
-        cap = self.ctx.cap
+        cap = self.cap
         assert cap is not None
-        if sum(f.counter.bound() for f in state.fields.values()) + 4 * len(text) <= cap:
+        fields = state.fields
+        cost = len(text) if text.isascii() else 4 * len(text)
+        bound = field.counter.bound() if len(fields) == 1 else sum(f.counter.bound() for f in fields.values())
+        if bound + cost <= cap:
             return text
         for f in state.fields.values():
             f.counter.settle_now()
