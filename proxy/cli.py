@@ -20,7 +20,8 @@ from .gateway import Runtime
 from .logs import configure_logging
 from .mock_upstream import run_mock_upstream
 from .server import serve
-from .supervisor import Supervisor, WorkerLink
+from .supervisor import Supervisor
+from .worker import WorkerLink
 
 WORKERS_ENV = f"{ENV_PREFIX}SERVER__WORKERS"
 

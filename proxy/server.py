@@ -47,7 +47,7 @@ from .upstream import (
 from .validation import CHAT, COMPLETIONS, EMBEDDINGS, ParsedRequest, parse_request
 
 if TYPE_CHECKING:
-    from .supervisor import WorkerLink
+    from .worker import WorkerLink
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 REQUEST_ID_KEY = web.RequestKey("request_id", str)

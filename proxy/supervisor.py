@@ -1,4 +1,4 @@
-"""``sluice serve`` with ``server.workers`` > 1: one port, N gateway processes, one supervisor.
+"""``sluice serve`` with ``server.workers`` > 1: the parent of N gateway processes on one port.
 
 How, and why:
 
@@ -8,31 +8,29 @@ How, and why:
   shared socket would let whichever worker wakes first take a whole burst),
   and the parent keeps every socket open, so connections queued on a dead
   worker's socket wait for its replacement instead of being reset.
-- Each worker is a whole gateway (``proxy.server.serve``) with its own event
-  loop. Limits are shared through the store (``sqlite``: one file, ``redis``),
-  which is why ``memory`` with several workers is a config error; metrics
-  through prometheus-client's multiprocess files (``proxy.metrics``), in a
-  fresh directory per run that the parent removes when it stops.
+- Each worker is a whole gateway (``proxy.server.serve``, see
+  ``proxy.worker``) with its own event loop. Limits are shared through the
+  store (``sqlite``: one file; ``redis``), which is why ``memory`` with
+  several workers is a config error; metrics through prometheus-client's
+  multiprocess files (``proxy.metrics``), in a fresh directory per run that
+  the parent removes when it stops.
 - The parent never runs an event loop or a second thread: ``fork`` copies
   only the calling thread, so forking beside a loop or threads would leave
-  their locks held in the child. It waits in ``select`` on a pipe the signal
-  handlers write to and a pipe the workers announce themselves on.
+  their locks held in the child. It waits in ``select`` on the pipe signal
+  handlers write to (``signal.set_wakeup_fd``) and a pipe the workers
+  announce themselves on once they serve.
 - SIGTERM/SIGINT: every worker drains (new requests 503, streams finish
   within ``shutdown_grace_seconds``) and is killed after that and a margin.
   SIGHUP: the parent checks the new file as a worker's reload would and only
-  then signals every worker, so a config one would refuse is refused by all;
-  ``POST /admin/reload`` on any worker asks the parent for the same.
+  then signals every worker, so a config one would refuse is refused by all.
 - A worker that dies is reaped, its live gauges are dropped and it is forked
-  again, at once, or after a doubling delay while it keeps dying young. A
-  worker blocks SIGTERM and SIGHUP until it serves, so a signal that arrives
-  while it starts waits instead of killing it; it gets SIGTERM when the
-  parent dies (Linux), so a killed parent leaves no orphans on the port.
+  again: at once, or after a doubling delay while it keeps dying young. A
+  worker that fails while the first ones start stops the whole ``serve``
+  (exit 1), as a single process would.
 """
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
 import os
 import select
 import shutil
@@ -43,23 +41,17 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from functools import partial
-from typing import TYPE_CHECKING, NoReturn
-
-import structlog
+from dataclasses import dataclass
+from typing import NoReturn
 
 from . import logs
-from .config import ConfigError, Settings, load_settings
-from .gateway import Gateway, Runtime, reload_problems
+from .config import Settings
 from .logs import log
-from .metrics import enable_multiprocess, forget_worker
+from .metrics import forget_worker
 from .server import LISTEN_BACKLOG
+from .worker import DEFERRED_SIGNALS, WorkerLink, become_worker, check_new_config
 
-if TYPE_CHECKING:
-    from .server import GatewayServer
-
-# How long a worker may take to start (open the store, load the encodings) before the parent gives up.
+# How long a worker may take to start (open the store, load the encodings) before it is given up on.
 START_TIMEOUT_SECONDS = 60.0
 # After the grace period, how long the parent waits for a worker's own clean-up before killing it.
 STOP_MARGIN_SECONDS = 5.0
@@ -67,69 +59,6 @@ STOP_MARGIN_SECONDS = 5.0
 YOUNG_SECONDS = 10.0
 FIRST_BACKOFF_SECONDS = 0.5
 MAX_BACKOFF_SECONDS = 30.0
-# How long ``POST /admin/reload`` waits for this worker's own reload, signalled by the parent.
-RELOAD_WAIT_SECONDS = 30.0
-# Held back in a worker until it serves; blocked in the parent around fork so none is lost.
-_DEFERRED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-_PR_SET_PDEATHSIG = 1
-
-
-def check_new_config(path: str, current: Settings) -> tuple[Settings | None, list[str]]:
-    """The config at ``path`` if a gateway running ``current`` can take it, else its problems.
-
-    The parent runs this before it signals the workers, and a worker before
-    it asks the parent, with the checks ``Gateway.reload`` makes itself.
-    """
-    try:
-        settings = load_settings(path)
-        Runtime(settings)  # compiles the rules, so a bad pattern shows here
-    except ConfigError as exc:
-        return None, exc.problems
-    problems = reload_problems(current, settings)
-    return (None, problems) if problems else (settings, [])
-
-
-class WorkerLink:
-    """A worker's side of its supervisor: its sockets, and what ``serve`` tells the parent."""
-
-    def __init__(self, sockets: list[socket.socket], metrics_sockets: list[socket.socket], ready_fd: int):
-        self.sockets = sockets
-        self.metrics_sockets = metrics_sockets
-        self._ready_fd = ready_fd
-        self._waiters: list[asyncio.Future[list[str]]] = []
-
-    def serving(self, server: GatewayServer) -> None:
-        """Listening, with signal handlers in place: announce it, then take the deferred signals."""
-        server.gateway.reload_everywhere = partial(self._reload_everywhere, server.gateway)
-        os.write(self._ready_fd, b"ready %d\n" % os.getpid())
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED_SIGNALS)
-
-    def reloading(self, task: asyncio.Task[list[str]]) -> None:
-        """A SIGHUP started ``task``: it answers the admin requests that asked for a reload before it."""
-        waiters, self._waiters = self._waiters, []
-
-        def answer(done: asyncio.Task[list[str]]) -> None:
-            problems = ["the reload failed"] if done.cancelled() or done.exception() else done.result()
-            for waiter in waiters:
-                if not waiter.done():
-                    waiter.set_result(problems)
-
-        task.add_done_callback(answer)
-
-    async def _reload_everywhere(self, gateway: Gateway) -> list[str]:
-        if gateway.config_path is None:
-            return ["no config file to reload: the gateway was started without one"]
-        _, problems = await asyncio.to_thread(check_new_config, str(gateway.config_path), gateway.settings)
-        if problems:
-            log.warning("config reload refused; the old config stays", problems=problems)
-            return problems
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        os.kill(os.getppid(), signal.SIGHUP)
-        try:
-            return await asyncio.wait_for(waiter, RELOAD_WAIT_SECONDS)
-        except TimeoutError:
-            return [f"the supervisor did not reload the workers within {RELOAD_WAIT_SECONDS:.0f} s; see its log"]
 
 
 @dataclass
@@ -138,6 +67,7 @@ class _Worker:
     pid: int
     started: float
     ready: bool = False
+    given_up: bool = False  # killed for not starting in time
 
 
 @dataclass
@@ -148,19 +78,24 @@ class _Slot:
     quick_deaths: int = 0
 
 
-@dataclass
 class Supervisor:
-    """The parent process. ``serve_worker(settings, link)`` runs a gateway in a forked child and returns its exit code."""
+    """The parent process; ``serve_worker(settings, link)`` runs a gateway in a forked child and returns its exit code."""
 
-    settings: Settings
-    config_path: str
-    host: str
-    port: int
-    workers: int
-    serve_worker: Callable[[Settings, WorkerLink], int]
-    _slots: list[_Slot] = field(default_factory=list)
-    _metrics_sockets: list[socket.socket] = field(default_factory=list)
-    _stopping_until: float | None = None
+    def __init__(
+        self,
+        settings: Settings,
+        config_path: str,
+        host: str,
+        port: int,
+        workers: int,
+        serve_worker: Callable[[Settings, WorkerLink], int],
+    ):
+        self.settings = settings  # what a worker forked now starts with: the last config accepted
+        self.config_path = config_path
+        self.host, self.port, self.workers = host, port, workers
+        self.serve_worker = serve_worker
+        self._slots: list[_Slot] = []
+        self._metrics_sockets: list[socket.socket] = []
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT; 0 after a clean stop, 1 if the workers could not start."""
@@ -175,7 +110,7 @@ class Supervisor:
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._ready_r, self._ready_w = os.pipe2(os.O_CLOEXEC)
         os.set_blocking(self._ready_r, False)
-        previous = {sig: signal.signal(sig, _ignore) for sig in (*_DEFERRED_SIGNALS, signal.SIGCHLD)}
+        previous = {sig: signal.signal(sig, _ignore) for sig in (*DEFERRED_SIGNALS, signal.SIGCHLD)}
         signal.set_wakeup_fd(self._wake_w)
         try:
             for slot in self._slots:
@@ -210,7 +145,7 @@ class Supervisor:
         if metrics_port is not None:
             # Every worker answers with the sums over all of them, so one shared socket does.
             for family, address in _addresses(self.host, metrics_port):
-                sock = _listening_socket(family, address, reuse_port=False)
+                sock = _listening_socket(family, (address[0], metrics_port, *address[2:]), reuse_port=False)
                 metrics_port = sock.getsockname()[1]
                 self._metrics_sockets.append(sock)
 
@@ -222,45 +157,53 @@ class Supervisor:
 
     def _loop(self) -> int:
         phase, code = "starting", 0
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS  # to start, then to stop
+        stop_by = float("inf")  # when the workers still draining are killed
         while True:
-            readable, _, _ = select.select([self._wake_r, self._ready_r], [], [], self._timeout(deadline))
+            readable, _, _ = select.select([self._wake_r, self._ready_r], [], [], self._timeout(phase, stop_by))
             if self._ready_r in readable:
                 self._read_ready()
             if self._wake_r in readable:
                 for sig in _drain(self._wake_r):
                     if sig in (signal.SIGTERM, signal.SIGINT) and phase != "stopping":
-                        phase, deadline = "stopping", self._stop()
+                        phase, stop_by = "stopping", self._stop()
                     elif sig == signal.SIGHUP and phase != "stopping":
                         self._reload()
             dead = self._reap()
             now = time.monotonic()
+            late = [w for w in self._workers() if not w.ready and not w.given_up and now > w.started + START_TIMEOUT_SECONDS]
             if phase == "starting":
-                if dead or now > deadline:
-                    if dead:
-                        log.error("a worker failed to start; stopping", pid=dead[0][0], exit=dead[0][1])
-                    else:
-                        log.error("the workers did not start in time; stopping", timeout_seconds=START_TIMEOUT_SECONDS)
-                    phase, code, deadline = "stopping", 1, self._stop()
+                if dead:
+                    log.error("a worker failed to start; stopping", pid=dead[0][0], exit=dead[0][1])
+                elif late:
+                    log.error("a worker did not start in time; stopping", pid=late[0].pid, timeout_seconds=START_TIMEOUT_SECONDS)
                 elif all(slot.worker is not None and slot.worker.ready for slot in self._slots):
                     phase = "running"
                     log.info("serving", workers=self.workers, pids=self._pids())
+                if dead or late:
+                    phase, code, stop_by = "stopping", 1, self._stop()
             elif phase == "running":
                 for pid, status in dead:
                     log.warning("worker died; starting another", pid=pid, exit=status)
+                for worker in late:
+                    log.error("worker did not start in time; killing it", pid=worker.pid, timeout_seconds=START_TIMEOUT_SECONDS)
+                    worker.given_up = True
+                    os.kill(worker.pid, signal.SIGKILL)  # reaped, then restarted after its back-off
                 self._restart_due(now)
             else:
                 if not self._pids():
                     log.info("stopped")
                     return code
-                if now > deadline:
+                if now > stop_by:
                     log.warning("workers still running after the grace period; killing them", pids=self._pids())
                     self._kill_all(signal.SIGKILL)
-                    deadline = float("inf")
+                    stop_by = float("inf")
 
-    def _timeout(self, deadline: float) -> float | None:
-        """Until the next thing the loop must do by the clock: a deadline or a restart."""
-        times = [deadline] + [slot.restart_at for slot in self._slots if slot.restart_at is not None]
+    def _timeout(self, phase: str, stop_by: float) -> float | None:
+        """Until the next thing the loop must do by the clock; None: only a signal or a worker wakes it."""
+        times = [stop_by]
+        if phase != "stopping":
+            times += [slot.restart_at for slot in self._slots if slot.restart_at is not None]
+            times += [w.started + START_TIMEOUT_SECONDS for w in self._workers() if not w.ready and not w.given_up]
         soonest = min(times)
         return None if soonest == float("inf") else max(0.0, soonest - time.monotonic())
 
@@ -290,13 +233,13 @@ class Supervisor:
         slot.restart_at = None
         # Blocked across the fork: the child keeps them blocked until it serves, the parent
         # takes what arrived meanwhile as soon as the mask is back.
-        signal.pthread_sigmask(signal.SIG_BLOCK, _DEFERRED_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRED_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
                 self._child(slot)
         finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, _DEFERRED_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, DEFERRED_SIGNALS)
         slot.worker = _Worker(self._slots.index(slot), pid, time.monotonic())
 
     def _reap(self) -> list[tuple[int, str]]:
@@ -361,7 +304,7 @@ class Supervisor:
         code = 1
         try:
             signal.set_wakeup_fd(-1)
-            for sig in (*_DEFERRED_SIGNALS, signal.SIGCHLD):
+            for sig in (*DEFERRED_SIGNALS, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             for fd in (self._wake_r, self._wake_w, self._ready_r):
                 os.close(fd)
@@ -369,9 +312,7 @@ class Supervisor:
                 if other is not slot:
                     for sock in other.sockets:
                         sock.close()
-            _die_with_parent(self._parent_pid)
-            enable_multiprocess(self._metrics_dir)
-            _tag_logs(os.getpid())
+            become_worker(self._parent_pid, self._metrics_dir)
             code = self.serve_worker(self.settings, WorkerLink(slot.sockets, self._metrics_sockets, self._ready_w))
         except BaseException:
             traceback.print_exc()
@@ -430,24 +371,3 @@ def _listening_socket(family: int, address: tuple, *, reuse_port: bool) -> socke
         sock.close()
         raise
     return sock
-
-
-def _die_with_parent(parent: int) -> None:
-    """SIGTERM this worker when the parent dies, so it drains instead of holding the port as an orphan."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        return  # not Linux: an orphan lives on until stopped
-    if os.getppid() != parent:  # the parent died before the request was made
-        os.kill(os.getpid(), signal.SIGTERM)
-
-
-def _tag_logs(pid: int) -> None:
-    """Every structlog line of this worker names it (the per-request line is rendered apart, without it)."""
-
-    def add_worker(logger: object, method: str, event: dict) -> dict:
-        event.setdefault("worker", pid)
-        return event
-
-    structlog.configure(processors=[add_worker, *structlog.get_config()["processors"]])
