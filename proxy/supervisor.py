@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import NoReturn
 
 from . import logs
-from .config import Settings
+from .config import Settings, worker_count
 from .logs import log
 from .metrics import forget_worker
 from .server import LISTEN_BACKLOG
@@ -116,7 +116,9 @@ class Supervisor:
             for slot in self._slots:
                 self._spawn(slot)
             port = self._slots[0].sockets[0].getsockname()[1]
-            log.info("supervising", workers=self.workers, host=self.host, port=port, pids=self._pids())
+            log.info(
+                "supervising", workers=self.workers, host=self.host, port=port, pids=self._pids(), metrics_dir=self._metrics_dir
+            )
             return self._loop()
         finally:
             self._kill_all(signal.SIGKILL)  # only workers still alive after an error in the parent
@@ -294,6 +296,8 @@ class Supervisor:
             log.warning("config reload refused; every worker keeps the old config", problems=problems)
             return
         self.settings = settings  # what a worker forked from now on starts with
+        if worker_count(settings.server) != self.workers:
+            log.warning("server.workers changed; the number of workers changes on a restart only", workers=self.workers)
         log.info("reloading every worker", path=self.config_path, pids=self._pids())
         self._kill_all(signal.SIGHUP)
 

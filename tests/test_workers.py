@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -355,6 +356,8 @@ async def test_sigterm_lets_the_streams_on_every_worker_finish(upstream_url, red
         assert await asyncio.wait_for(workers.process.wait(), 15) == 0
         assert time.monotonic() - signalled < 15  # the streams' end, not the grace, let them go
         assert not (set(pids) & children_or_empty(workers.process.pid))
+        supervising = next(line for line in workers.lines if line["event"] == "supervising")
+        assert not Path(supervising["metrics_dir"]).exists()  # a clean stop removes the run's metric files
 
 
 def children_or_empty(pid: int) -> set[int]:
@@ -564,6 +567,9 @@ async def test_a_killed_parent_takes_its_workers_down(upstream_url, redis_url, t
         while any(Path(f"/proc/{pid}").exists() and "Z" not in _state(pid) for pid in pids):
             assert time.monotonic() < deadline, "orphaned workers kept running"
             await asyncio.sleep(0.1)
+    # A killed supervisor cannot remove its metrics directory; the test does.
+    supervising = next(line for line in workers.lines if line["event"] == "supervising")
+    shutil.rmtree(supervising["metrics_dir"], ignore_errors=True)
 
 
 def _state(pid: int) -> str:
