@@ -31,6 +31,7 @@ How, and why:
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import shutil
@@ -49,6 +50,7 @@ from .config import Settings, worker_count
 from .logs import log
 from .metrics import forget_worker
 from .server import LISTEN_BACKLOG
+from .tokens import preload, set_encodings_dir
 from .worker import DEFERRED_SIGNALS, WorkerLink, become_worker, check_new_config
 
 # How long a worker may take to start (open the store, load the encodings) before it is given up on.
@@ -113,6 +115,7 @@ class Supervisor:
         previous = {sig: signal.signal(sig, _ignore) for sig in (*DEFERRED_SIGNALS, signal.SIGCHLD)}
         signal.set_wakeup_fd(self._wake_w)
         try:
+            _share_before_fork(self.settings)
             for slot in self._slots:
                 self._spawn(slot)
             port = self._slots[0].sockets[0].getsockname()[1]
@@ -325,6 +328,21 @@ class Supervisor:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
+
+
+def _share_before_fork(settings: Settings) -> None:
+    """Load once, in the parent, what every worker would load the same: forked, they share its pages.
+
+    The token encodings are about 110 MB per process and a second of start-up:
+    loaded here, the workers' memory holds them once (copy-on-write pages they
+    only read) and a restarted worker is serving sooner. What the imports and
+    this built is then frozen out of the collector's way, so a worker's
+    collections do not write to (and so copy) every inherited object.
+    """
+    set_encodings_dir(settings.accounting.encodings_dir)
+    preload()
+    gc.collect()
+    gc.freeze()
 
 
 def _ignore(signum: int, frame: object) -> None:
