@@ -320,7 +320,7 @@ class Supervisor:
                     for sock in other.sockets:
                         sock.close()
             become_worker(self._parent_pid, self._metrics_dir)
-            code = self.serve_worker(self.settings, WorkerLink(slot.sockets, self._metrics_sockets, self._ready_w))
+            code = self.serve_worker(self.settings, WorkerLink(slot.sockets, self._metrics_sockets, self._ready_w, self._parent_pid))
         except BaseException:
             traceback.print_exc()
         finally:

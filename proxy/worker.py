@@ -58,16 +58,20 @@ def check_new_config(path: str, current: Settings) -> tuple[Settings | None, lis
 class WorkerLink:
     """A worker's side of its supervisor: its sockets, and what ``serve`` tells the parent."""
 
-    def __init__(self, sockets: list[socket.socket], metrics_sockets: list[socket.socket], ready_fd: int):
+    def __init__(self, sockets: list[socket.socket], metrics_sockets: list[socket.socket], ready_fd: int, parent: int):
         self.sockets = sockets
         self.metrics_sockets = metrics_sockets
         self._ready_fd = ready_fd
+        self._parent = parent
         self._waiters: list[asyncio.Future[list[str]]] = []
 
     def serving(self, server: GatewayServer) -> None:
         """Listening, with signal handlers in place: announce it, then take the deferred signals."""
         server.gateway.reload_everywhere = partial(self._reload_everywhere, server.gateway)
-        os.write(self._ready_fd, b"ready %d\n" % os.getpid())
+        try:
+            os.write(self._ready_fd, b"ready %d\n" % os.getpid())
+        except OSError:
+            pass  # the parent is gone: the SIGTERM it left this worker is about to drain it
         signal.pthread_sigmask(signal.SIG_UNBLOCK, DEFERRED_SIGNALS)
 
     def reloading(self, task: asyncio.Task[list[str]]) -> None:
@@ -89,15 +93,15 @@ class WorkerLink:
         if problems:
             log.warning("config reload refused; the old config stays", problems=problems)
             return problems
+        if os.getppid() != self._parent:  # orphaned: never signal whatever process adopted this one
+            return ["the supervisor is gone; this worker is shutting down"]
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
-        os.kill(os.getppid(), signal.SIGHUP)
+        os.kill(self._parent, signal.SIGHUP)
         try:
             return await asyncio.wait_for(waiter, RELOAD_WAIT_SECONDS)
         except TimeoutError:
             return [f"the supervisor did not reload the workers within {RELOAD_WAIT_SECONDS:.0f} s; see its log"]
-
-
 
 
 def _die_with_parent(parent: int) -> None:
