@@ -577,9 +577,9 @@ def scenario_table(scenario: Scenario, runs: dict[str, Run]) -> list[str]:
     for name, run in runs.items():
         load = run.load
         seconds = load.get("seconds") or math.nan
-        # Beyond the window: Sluice is compared with the moment the direct client had the text
+        # Beyond the window: Sluice (any worker count) is compared with the moment the direct client had the text
         # the window needs; a gateway without moderation with the direct first token.
-        ttft_base = "release_ms" if name == "sluice" else "ttft_ms"
+        ttft_base = "release_ms" if name.startswith("sluice") else "ttft_ms"
         rss = run.rss_ready if scenario.hold else run.rss_peak
         rows.append((
             name, fmt(load.get("rps")), fmt(pct(load, "latency_ms", "p50")), fmt(pct(load, "latency_ms", "p99")),
