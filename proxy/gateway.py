@@ -123,7 +123,7 @@ class Gateway:
 
     # -- reload ---------------------------------------------------------------
 
-    # Set in a worker of ``server.workers`` > 1: reloads every worker (see ``proxy.supervisor``).
+    # Set in a worker of ``server.workers`` > 1: reloads every worker (see ``proxy.worker``).
     reload_everywhere: Callable[[], Awaitable[list[str]]] | None = None
 
     async def reload(self, *, here_only: bool = False) -> list[str]:

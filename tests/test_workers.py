@@ -302,6 +302,21 @@ async def test_both_workers_serve_and_one_scrape_sums_them(upstream_url, redis_u
         assert total(samples, "sluice_request_duration_seconds_count") == 20
 
 
+async def test_the_metrics_port_answers_for_every_worker(upstream_url, redis_url, tmp_path):
+    metrics_port = free_port()
+    async with Workers(shared_config(upstream_url, redis_url, metrics_port=metrics_port), tmp_path / "sluice.yaml") as workers:
+        assert await fire(workers.url, 30) == [200] * 30
+        metrics_url = f"http://127.0.0.1:{metrics_port}"
+        # Every scrape, whichever worker accepts it, reports the same sums.
+        for _ in range(6):
+            samples = await scrape_when(metrics_url, lambda m: total(m, "sluice_requests_total") >= 30)
+            assert total(samples, "sluice_requests_total") == 30
+            assert {int(s.labels["pid"]) for s in samples["sluice_worker_requests"]} == workers.pids()
+        async with aiohttp.ClientSession() as session:
+            async with session.get(workers.url + "/metrics") as resp:
+                assert resp.status == 404  # not on the public port
+
+
 async def test_a_killed_worker_is_replaced_its_streams_end_and_its_counts_stay(upstream_url, redis_url, tmp_path):
     async with Workers(shared_config(upstream_url, redis_url), tmp_path / "sluice.yaml") as workers:
         assert await fire(workers.url, 20) == [200] * 20
