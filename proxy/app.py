@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import signal
+import socket
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -23,6 +25,9 @@ from .handlers.ops import healthz, list_models, metrics, readyz
 from .handlers.proxy import proxy_handler
 from .logs import log
 from .middleware import GATEWAY, error_middleware, stamp_headers
+
+if TYPE_CHECKING:
+    from .worker import WorkerLink
 
 
 def create_app(settings: Settings, config_path: str | Path | None = None) -> web.Application:
@@ -79,7 +84,8 @@ class GatewayServer:
     def gateway(self) -> Gateway:
         return self.app[GATEWAY]
 
-    async def start(self) -> None:
+    async def start(self, sockets: Sequence[socket.socket] = (), metrics_sockets: Sequence[socket.socket] = ()) -> None:
+        """Listen on host and port, or on ``sockets`` already bound (a worker's, handed down by its supervisor)."""
         runner = web.AppRunner(
             self.app,
             handler_cancellation=True,  # a client that leaves cancels its handler, and so the upstream call
@@ -88,12 +94,12 @@ class GatewayServer:
         )
         await runner.setup()
         self._runners.append(runner)
-        self.port = await _listen(runner, self.host, self.port)
+        self.port = await _listen(runner, self.host, self.port, sockets)
         if self.metrics_port is not None:
             metrics_runner = web.AppRunner(create_metrics_app(self.gateway), access_log=None)
             await metrics_runner.setup()
             self._runners.append(metrics_runner)
-            self.metrics_port = await _listen(metrics_runner, self.host, self.metrics_port)
+            self.metrics_port = await _listen(metrics_runner, self.host, self.metrics_port, metrics_sockets)
 
     async def stop(self) -> None:
         """Refuse new requests (503, /readyz too), let in-flight ones finish within the grace period, close.
@@ -119,17 +125,35 @@ class GatewayServer:
 LISTEN_BACKLOG = 4096
 
 
-async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
+async def _listen(runner: web.AppRunner, host: str, port: int, sockets: Sequence[socket.socket] = ()) -> int:
+    """Listen on ``host:port``, or on bound ``sockets`` when given; returns the port."""
+    if sockets:
+        for sock in sockets:
+            await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
+        return sockets[0].getsockname()[1]
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=LISTEN_BACKLOG)
     await site.start()
     server = site._server
     return server.sockets[0].getsockname()[1] if port == 0 and server else port  # type: ignore[union-attr]
 
 
-async def serve(settings: Settings, host: str | None = None, port: int | None = None, config_path: str | None = None) -> None:
-    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the config."""
+async def serve(
+    settings: Settings,
+    host: str | None = None,
+    port: int | None = None,
+    config_path: str | None = None,
+    worker: WorkerLink | None = None,
+) -> None:
+    """Run until SIGTERM or SIGINT, then shut down gracefully; SIGHUP reloads the config.
+
+    As one of ``server.workers`` processes (``worker`` given), it listens on the
+    sockets its supervisor handed down and tells it when it serves.
+    """
     server = GatewayServer(settings, host, port, config_path)
-    await server.start()
+    if worker is None:
+        await server.start()
+    else:
+        await server.start(worker.sockets, worker.metrics_sockets)
     # What start-up built lives as long as the process (the compiled rules, the token
     # encodings, every module): moved out of the collector's way, the collections that
     # requests trigger no longer walk it.
@@ -143,11 +167,15 @@ async def serve(settings: Settings, host: str | None = None, port: int | None = 
     reloads: set[asyncio.Task[list[str]]] = set()
 
     def reload() -> None:
-        task = loop.create_task(server.gateway.reload())
+        task = loop.create_task(server.gateway.reload(here_only=True))  # a worker's supervisor signals each worker
         reloads.add(task)
         task.add_done_callback(reloads.discard)
+        if worker is not None:
+            worker.reloading(task)
 
     loop.add_signal_handler(signal.SIGHUP, reload)
+    if worker is not None:
+        worker.serving(server)
     await stop.wait()
     log.info("shutting down", grace_seconds=server.gateway.settings.server.shutdown_grace_seconds)
     await server.stop()

@@ -14,10 +14,14 @@ from typing import Any, TypeVar
 
 from .accounting import StoreUnavailable, UsageReport, format_usage_table, open_store
 from .auth import hash_key
-from .config import CONFIG_PATH_ENV, ConfigError, Settings, load_settings
+from .config import CONFIG_PATH_ENV, ENV_PREFIX, ConfigError, Settings, load_settings, worker_count
 from .gateway import Runtime
 from .logs import configure_logging
 from .app import serve
+from .supervisor import Supervisor
+from .worker import WorkerLink
+
+WORKERS_ENV = f"{ENV_PREFIX}SERVER__WORKERS"
 
 T = TypeVar("T")
 
@@ -94,14 +98,35 @@ def raise_open_file_limit() -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.workers is not None:
+        # As an override of server.workers, so the config's own checks (and every reload's) see it.
+        os.environ[WORKERS_ENV] = args.workers
     loaded = _settings_for("serve", args)
     if isinstance(loaded, int):
         return loaded
     path, settings = loaded
     configure_logging(settings.logging.level, settings.logging.format)
     raise_open_file_limit()
+    workers = worker_count(settings.server)
+    if workers == 1:
+        return _serve_here(settings, args.host, args.port, path)
+    supervisor = Supervisor(
+        settings,
+        path,
+        args.host if args.host is not None else settings.server.host,
+        args.port if args.port is not None else settings.server.port,
+        workers,
+        serve_worker=lambda current, link: _serve_here(current, args.host, args.port, path, link),
+    )
+    return supervisor.run()
+
+
+def _serve_here(
+    settings: Settings, host: str | None, port: int | None, path: str, worker: WorkerLink | None = None
+) -> int:
+    """Run the gateway in this process (alone, or as a supervisor's worker); its exit code."""
     try:
-        run_event_loop(serve(settings, args.host, args.port, config_path=path))
+        run_event_loop(serve(settings, host, port, config_path=path, worker=worker))
     except OSError as exc:  # the port is taken, the host is not ours
         print(f"sluice serve: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -109,6 +134,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"sluice serve: the {settings.accounting.store} store is unavailable: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _workers_argument(value: str) -> str:
+    if value == "auto" or (value.isdigit() and 1 <= int(value) <= 1024):
+        return value
+    raise argparse.ArgumentTypeError('a number of processes from 1 to 1024, or "auto"')
 
 
 def cmd_usage(args: argparse.Namespace) -> int:
@@ -164,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", help=f"the YAML config (default: ${CONFIG_PATH_ENV})")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument(
+        "--workers", type=_workers_argument, help='override server.workers: processes sharing the port, or "auto" (one per core)'
+    )
     serve.set_defaults(run=cmd_serve)
 
     demo = commands.add_parser("demo", help="the gateway with a built-in mock model and config/demo.yaml")

@@ -59,6 +59,32 @@ class ServerConfig(_Strict):
     metrics_port: int | None = Field(None, ge=0, le=65535)  # serve /metrics here instead of on `port`
     max_upstream_attempts: int = Field(2, ge=1, le=10)  # connect errors and 5xx before the first byte retry
     retry_backoff_seconds: float = Field(0.05, ge=0)  # doubled after each retry
+    # Processes sharing the port, each with its own event loop; "auto" = one per core this process may use.
+    workers: int | Literal["auto"] = 1
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _worker_count(cls, value: Any) -> Any:
+        """One clear message instead of one per member of the union."""
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 1024):
+            return value
+        raise ValueError('must be a number of processes from 1 to 1024, or "auto" (one per core)')
+
+
+def worker_count(server: ServerConfig) -> int:
+    """How many worker processes ``server.workers`` asks for on this machine.
+
+    "auto" counts the cores this process may run on (its CPU affinity, which
+    a container's cpuset or ``taskset`` narrows), not every core the machine has.
+    """
+    if server.workers != "auto":
+        return server.workers
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 class UpstreamConfig(_Strict):
@@ -272,6 +298,13 @@ def _cross_field_problems(settings: Settings, environ: dict[str, str]) -> list[s
     for i, upstream in enumerate(settings.upstreams):
         if upstream.ca_bundle and not Path(upstream.ca_bundle).is_file():
             problems.append(f"upstreams[{i}].ca_bundle: no such file: {upstream.ca_bundle}")
+    workers = worker_count(settings.server)
+    if workers > 1 and settings.accounting.store == "memory":
+        asked = f"{workers} ('auto': one per core)" if settings.server.workers == "auto" else str(workers)
+        problems.append(
+            f"server.workers: {asked} workers cannot share the memory store: each would count alone, "
+            f"so every limit would admit up to {workers} times its value; use accounting.store sqlite or redis, or one worker"
+        )
     rule_names = [r.name for r in settings.moderation.rules]
     for name in sorted({n for n in rule_names if rule_names.count(n) > 1}):
         problems.append(f"moderation.rules: the name {name!r} is used twice")

@@ -11,6 +11,7 @@ a limit stay used.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from .accounting import open_store
@@ -122,8 +123,18 @@ class Gateway:
 
     # -- reload ---------------------------------------------------------------
 
-    async def reload(self) -> list[str]:
-        """Re-read the config file. Returns its problems; empty means the new config is in force."""
+    # Set in a worker of ``server.workers`` > 1: reloads every worker (see ``proxy.worker``).
+    reload_everywhere: Callable[[], Awaitable[list[str]]] | None = None
+
+    async def reload(self, *, here_only: bool = False) -> list[str]:
+        """Re-read the config file. Returns its problems; empty means the new config is in force.
+
+        In a worker, ``POST /admin/reload`` lands here and reloads every worker
+        (their supervisor checks the file and signals each); ``here_only`` is
+        that signal's own reload, of this process alone.
+        """
+        if self.reload_everywhere is not None and not here_only:
+            return await self.reload_everywhere()
         async with self._reload_lock:
             if self.config_path is None:
                 return ["no config file to reload: the gateway was started without one"]

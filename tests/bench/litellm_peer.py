@@ -21,10 +21,10 @@ Fairness choices, so that the comparison measures LiteLLM as users run it:
   ``openai`` SDK's httpx client upstream, uvicorn's log level (info, with one access-log line per
   request on stdout, much as Sluice logs one line per request), LiteLLM's own
   loggers at WARNING, no callbacks, no cache, no guardrails.
-- One worker, written out (``--num_workers 1``): it is LiteLLM's default
-  today, but some releases and their docs defaulted to one per CPU, and
-  ``NUM_WORKERS`` in the environment would change it. Sluice serves from one
-  process, so the peer does too.
+- The worker count written out (``--num_workers``, 1 by default): one is
+  LiteLLM's default today, but some releases and their docs defaulted to
+  one per CPU, and ``NUM_WORKERS`` in the environment would change it. The
+  suite runs it with as many workers as each Sluice it runs beside.
 - Only what would reach outside the machine is turned off (see
   ``environment()``): by default LiteLLM fetches its model cost map and some
   other JSON files from GitHub at import. The machine has no internet; the
@@ -154,7 +154,7 @@ def write_config(directory: Path, routes: Mapping[str, str], master_key: str,
     return path
 
 
-def command(python: str | os.PathLike[str], config: Path, host: str, port: int) -> list[str]:
+def command(python: str | os.PathLike[str], config: Path, host: str, port: int, workers: int = 1) -> list[str]:
     """The argv that starts LiteLLM's proxy on ``host:port`` with ``config``.
 
     The ``litellm`` console script next to ``python`` is what users run
@@ -166,12 +166,14 @@ def command(python: str | os.PathLike[str], config: Path, host: str, port: int) 
     ``--num_workers 1``: LiteLLM's default (DEFAULT_NUM_WORKERS_LITELLM_PROXY=1),
     written out so that no environment or release changes it. With one worker
     uvicorn serves in this very process: the Popen pid is the one whose CPU
-    to read. Logging is left at LiteLLM's defaults (no ``--debug``,
+    to read. ``workers`` > 1 is LiteLLM's own way to use more cores (uvicorn
+    forks that many processes onto one socket); the suite then reads the
+    CPU and memory of the whole process tree. Logging is left at LiteLLM's defaults (no ``--debug``,
     ``--detailed_debug`` or ``--log_config``).
     """
     script = Path(python).parent / "litellm"
     runner = [str(script)] if script.is_file() else [str(python), "-m", "litellm.proxy.proxy_cli"]
-    return runner + ["--config", str(config), "--host", host, "--port", str(port), "--num_workers", "1"]
+    return runner + ["--config", str(config), "--host", host, "--port", str(port), "--num_workers", str(workers)]
 
 
 def environment(base: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -1,8 +1,10 @@
-"""The benchmark suite: every scenario direct to the mock model, through Sluice and through LiteLLM, in one run.
+"""The benchmark suite: every scenario direct to the mock model, through Sluice and its peers, in one run.
 
-    python -m tests.bench.suite                       # about 6 minutes; add the peer with SLUICE_BENCH_LITELLM
-    SLUICE_BENCH_LITELLM=/path/to/venv/bin/python python -m tests.bench.suite
+    python -m tests.bench.suite                       # about 8 minutes; add the peers with the variables below
+    SLUICE_BENCH_LITELLM=/path/to/venv/bin/python SLUICE_BENCH_PORTKEY=/path/to/portkey python -m tests.bench.suite
     python -m tests.bench.suite --make-litellm-venv /tmp/litellm-venv   # build the peer's venv from PyPI first
+    python -m tests.bench.suite --make-portkey-folder /tmp/portkey      # install Portkey's gateway from npm first
+    python -m tests.bench.suite --workers 1,2,4       # Sluice (and LiteLLM) with each worker count
     python -m tests.bench.suite --only chat-c50,stream-c50 --seconds 5
     python -m tests.bench.suite --profile /tmp/sluice.prof              # Sluice under cProfile; read the profile
 
@@ -13,10 +15,16 @@ open-streams scenario), Sluice (``sluice serve``: moderation with all six PII
 rules and a 10,000-term block list, the sqlite store (``--store``), limits set far above
 the load so the limiter runs but never refuses, JSON logs at info to a file),
 and, when ``SLUICE_BENCH_LITELLM`` names a Python with ``litellm[proxy]``,
-LiteLLM's proxy routed to the same mocks; also a bare aiohttp pass-through,
-the floor of the HTTP stack. The load comes from ``tests/bench/loadgen.py``,
-a separate process per run. Each target runs alone on one CPU, the load and
-the mocks on the others (``Placement``; ``--no-pin`` to share).
+LiteLLM's proxy routed to the same mocks; when ``SLUICE_BENCH_PORTKEY`` names
+a folder with Portkey's gateway installed (``tests/bench/portkey_peer.py``),
+that too; also a bare aiohttp pass-through, the floor of the HTTP stack.
+Sluice runs once per ``--workers`` count (default 1 and 2: ``sluice``,
+``sluice-2w``), and LiteLLM with the same counts (``--num_workers``). The
+load comes from ``tests/bench/loadgen.py``, a separate process per run. Each
+single-process target runs alone on one CPU, the load and the mocks on the
+others; a target of N workers gets N CPUs of its own where the machine has
+more than N, else every CPU, shared with the load and the mocks, which the
+report then says (``Placement``; ``--no-pin`` to share everything).
 
 Scenarios run one after another; within one, the targets in turn (the order
 turns each round), each after a warm-up at the same concurrency. Figures are
@@ -45,7 +53,7 @@ import aiohttp
 from proxy.auth import hash_key
 from proxy.config import ModerationConfig
 from proxy.moderation import ModerationEngine
-from tests.bench import litellm_peer
+from tests.bench import litellm_peer, portkey_peer
 from tests.bench.harness import (
     MIB,
     REPO,
@@ -55,6 +63,7 @@ from tests.bench.harness import (
     machine_line,
     moderation_terms,
     pin,
+    process_tree,
     rss_bytes,
     start_process,
     stop_process,
@@ -116,6 +125,7 @@ class Run:
     rss_peak: float = math.nan  # bytes, sampled
     rss_before: float = math.nan
     rss_ready: float = math.nan  # hold mode: with every stream open
+    pss_ready: float = math.nan  # the same, with the pages forked workers share counted once
     rounds: list[dict[str, Any]] = field(default_factory=list)  # each round's load, for paired differences
 
 
@@ -125,6 +135,8 @@ class Services:
     mock_pids: list[int] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     redis: RedisServer | None = None
+    workers: dict[str, int] = field(default_factory=dict)  # target -> its processes serving (1 when absent)
+    not_run: list[str] = field(default_factory=list)  # targets that could not start, and why
 
 
 # -- configs -------------------------------------------------------------------
@@ -139,12 +151,12 @@ def moderation_rules(terms_file: Path) -> list[dict[str, Any]]:
 
 
 def sluice_config(tmp: Path, port: int, mocks: dict[str, str], moderation: bool,
-                  accounting: dict[str, str] | None = None, log_level: str = "info") -> Path:
+                  accounting: dict[str, str] | None = None, log_level: str = "info", workers: int = 1) -> Path:
     big = 10**12
     terms_file = tmp / "terms.txt"
     terms_file.write_text("\n".join(moderation_terms(TERMS)) + "\n", encoding="utf-8")
     config: dict[str, Any] = {
-        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": 2},
+        "server": {"host": "127.0.0.1", "port": port, "shutdown_grace_seconds": 2, "workers": workers},
         "upstreams": [
             {"name": model.replace(".", "-"), "base_url": url, "models": [model],
              "connect_timeout_seconds": 10, "read_timeout_seconds": 120}
@@ -216,12 +228,33 @@ class Placement:
             return cls()
         return cls({cpus[-1]}, set(cpus[:-1]))
 
-    def describe(self) -> str:
+    def for_workers(self, workers: int) -> set[int] | None:
+        """The CPUs of a target with ``workers`` processes: its own where the machine has enough, else all."""
+        if not self.target or not self.others or workers <= 1:
+            return self.target
+        cpus = sorted(self.target | self.others)
+        if len(cpus) > workers:
+            return set(cpus[-workers:])
+        return set(cpus)
+
+    def shares_cores(self, workers: int) -> bool:
+        """Whether a target of ``workers`` processes shares its cores with the load generator and the mocks."""
+        target = self.for_workers(workers)
+        return not target or not self.others or bool(target & self.others)
+
+    def describe(self, worker_counts: list[int] | None = None) -> str:
         if not self.target or not self.others:
             return "CPUs: not pinned; the load generator, the mocks and the target share every core"
         others = ",".join(map(str, sorted(self.others)))
-        return (f"CPUs: each target alone on CPU {min(self.target)}; the load generator, the mocks "
+        line = (f"CPUs: each single-process target alone on CPU {min(self.target)}; the load generator, the mocks "
                 f"(and Redis) on CPU {others} (--no-pin to share)")
+        for workers in worker_counts or ():
+            if workers > 1:
+                cpus = ",".join(map(str, sorted(self.for_workers(workers) or ())))
+                shared = (f"; this machine has {len(self.target | self.others)} cores, so its workers share them "
+                          "with the load generator and the mocks") if self.shares_cores(workers) else ""
+                line += f"\n  targets with {workers} workers: CPUs {cpus}{shared}"
+        return line
 
 
 async def run_loadgen(args: list[str], cpus: set[int] | None, on_ready: Any = None) -> dict[str, Any]:
@@ -312,6 +345,7 @@ async def run_scenario(scenario: Scenario, target: Target, opts: argparse.Namesp
     async def on_ready(message: dict[str, Any], _pid: int) -> None:
         if watched is not None:
             run.rss_ready = rss_bytes(watched)
+            run.pss_ready = pss_bytes(watched)
 
     cpu_before = sum(cpu_seconds(watched)) if watched is not None else 0.0
     run.load = await run_loadgen(args, opts.placement.others, on_ready)
@@ -322,6 +356,20 @@ async def run_scenario(scenario: Scenario, target: Target, opts: argparse.Namesp
         await sampler
         run.rss_peak = peak[0]
     return run
+
+
+def pss_bytes(pid: int) -> int:
+    """Proportional set size of a process and its descendants: each shared page split among its sharers."""
+    total = 0
+    for member in process_tree(pid):
+        try:
+            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+        except OSError:
+            continue
+    return total
 
 
 def combine(runs: list[Run]) -> Run:
@@ -350,6 +398,7 @@ def combine(runs: list[Run]) -> Run:
         rss_peak=max(run.rss_peak for run in runs),
         rss_before=min(run.rss_before for run in runs),
         rss_ready=max(run.rss_ready for run in runs),
+        pss_ready=max(run.pss_ready for run in runs),
         rounds=loads,
     )
 
@@ -375,26 +424,22 @@ async def start_services(opts: argparse.Namespace, tmp: Path, files: list[Any], 
             await wait_healthy(probe, services.mocks[model] + "/models", proc, f"mock ({model})", tmp / "mocks.err")
         services.targets.append(Target("direct", "", {"Authorization": "Bearer direct"}, None))
 
-        port = free_port()
-        accounting = {"store": opts.store, "sqlite_path": str(tmp / "sluice.db")}
+        redis_url = None
         if opts.store == "redis":
             redis = RedisServer(tmp / "redis")
             redis.start()
             services.redis = redis
             assert redis.pid is not None
             pin(redis.pid, opts.placement.others)
-            accounting["redis_url"] = redis.url
-        config = sluice_config(tmp, port, services.mocks, not opts.no_moderation, accounting, opts.log_level)
-        log, err = (tmp / "sluice.log").open("wb"), (tmp / "sluice.err").open("wb")
-        files += [log, err]
-        runner = [sys.executable, "-c", PROFILED_GATEWAY, str(Path(opts.profile).resolve())] if opts.profile else \
-            [sys.executable, "-m", "proxy"]
-        proc = start_process(runner + ["serve", "--config", str(config)], log, err)
-        procs.append(proc)
-        pin(proc.pid, opts.placement.target)
-        await wait_healthy(probe, f"http://127.0.0.1:{port}/readyz", proc, "sluice", tmp / "sluice.err")
-        services.targets.append(Target("sluice", f"http://127.0.0.1:{port}/v1",
-                                       {"Authorization": f"Bearer {SECRET}"}, proc.pid))
+            redis_url = redis.url
+        for workers in opts.workers:
+            try:
+                await start_sluice(opts, tmp, files, services, procs, probe, workers, redis_url)
+            except RuntimeError as exc:
+                if workers == 1:
+                    raise
+                # A store that serves one process (sqlite before it is shared) refuses a second worker.
+                services.not_run.append(f"sluice with {workers} workers: {str(exc).strip().splitlines()[-1]}")
 
         port = free_port()
         routes = [f"--route={model}={url}" for model, url in services.mocks.items()]
@@ -407,24 +452,80 @@ async def start_services(opts: argparse.Namespace, tmp: Path, files: list[Any], 
 
         litellm_python = opts.litellm or os.environ.get(litellm_peer.LITELLM_ENV)
         if litellm_python:
-            port = free_port()
             terms = moderation_terms(TERMS) if opts.litellm_moderation else None
             config = litellm_peer.write_config(tmp, services.mocks, LITELLM_KEY, terms)
-            err = (tmp / "litellm.err").open("wb")
+            for workers in opts.workers:
+                name = target_name("litellm", workers)
+                port = free_port()
+                err = (tmp / f"{name}.err").open("wb")
+                files.append(err)
+                proc = start_process(litellm_peer.command(litellm_python, config, "127.0.0.1", port, workers), err, err,
+                                     env=litellm_peer.environment(), cwd=tmp)
+                procs.append(proc)
+                pin(proc.pid, opts.placement.for_workers(workers))
+                await wait_healthy(probe, f"http://127.0.0.1:{port}{litellm_peer.HEALTH_PATH}", proc, name,
+                                   tmp / f"{name}.err", headers={"Authorization": f"Bearer {LITELLM_KEY}"})
+                pin(proc.pid, opts.placement.for_workers(workers))  # uvicorn's workers, forked meanwhile
+                services.targets.append(Target(name, f"http://127.0.0.1:{port}/v1",
+                                               {"Authorization": f"Bearer {LITELLM_KEY}"}, proc.pid))
+                services.workers[name] = workers
+
+        portkey_folder = opts.portkey or os.environ.get(portkey_peer.PORTKEY_ENV)
+        if portkey_folder:
+            port = free_port()
+            err = (tmp / "portkey.err").open("wb")
             files.append(err)
-            proc = start_process(litellm_peer.command(litellm_python, config, "127.0.0.1", port), err, err,
-                                 env=litellm_peer.environment(), cwd=tmp)
+            proc = start_process(portkey_peer.command(portkey_folder, port), err, err, cwd=tmp)
             procs.append(proc)
             pin(proc.pid, opts.placement.target)
-            await wait_healthy(probe, f"http://127.0.0.1:{port}{litellm_peer.HEALTH_PATH}", proc, "litellm",
-                               tmp / "litellm.err", headers={"Authorization": f"Bearer {LITELLM_KEY}"})
-            services.targets.append(Target("litellm", f"http://127.0.0.1:{port}/v1",
-                                           {"Authorization": f"Bearer {LITELLM_KEY}"}, proc.pid))
+            await wait_healthy(probe, f"http://127.0.0.1:{port}{portkey_peer.HEALTH_PATH}", proc, "portkey",
+                               tmp / "portkey.err")
+            services.targets.append(Target("portkey", f"http://127.0.0.1:{port}/v1", {}, proc.pid))
+
+
+def target_name(kind: str, workers: int) -> str:
+    return kind if workers == 1 else f"{kind}-{workers}w"
+
+
+async def start_sluice(opts: argparse.Namespace, tmp: Path, files: list[Any], services: Services, procs: list[Any],
+                       probe: aiohttp.ClientSession, workers: int, redis_url: str | None) -> None:
+    """``sluice serve`` with ``workers`` processes, in a folder of its own (config, sqlite file, log)."""
+    name = target_name("sluice", workers)
+    home = tmp / name
+    home.mkdir()
+    port = free_port()
+    accounting = {"store": opts.store, "sqlite_path": str(home / "sluice.db")}
+    if redis_url:
+        accounting["redis_url"] = redis_url
+    config = sluice_config(home, port, services.mocks, not opts.no_moderation, accounting, opts.log_level, workers)
+    log, err = (home / "sluice.log").open("wb"), (home / "sluice.err").open("wb")
+    files += [log, err]
+    runner = [sys.executable, "-c", PROFILED_GATEWAY, str(Path(opts.profile).resolve())] if opts.profile else \
+        [sys.executable, "-m", "proxy"]
+    proc = start_process(runner + ["serve", "--config", str(config)], log, err)
+    procs.append(proc)
+    pin(proc.pid, opts.placement.for_workers(workers))  # before it forks: its workers inherit the CPUs
+    await wait_healthy(probe, f"http://127.0.0.1:{port}/readyz", proc, name, home / "sluice.err")
+    if workers > 1:
+        await wait_all_serving(proc, home / "sluice.log", home / "sluice.err", name)
+    services.targets.append(Target(name, f"http://127.0.0.1:{port}/v1", {"Authorization": f"Bearer {SECRET}"}, proc.pid))
+    services.workers[name] = workers
+
+
+async def wait_all_serving(proc: Any, log_path: Path, err_path: Path, name: str, seconds: float = 60.0) -> None:
+    """Until the supervisor logs that every worker serves (one ready worker already answers /readyz)."""
+    deadline = time.monotonic() + seconds
+    while b'"event": "serving"' not in log_path.read_bytes():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{name} did not start all its workers:\n{err_path.read_text(errors='replace')[-3000:]}")
+        await asyncio.sleep(0.1)
 
 
 def target_url(target: Target, scenario: Scenario, services: Services) -> Target:
     if target.name == "direct":
         return Target("direct", services.mocks[scenario.model], target.headers, None)
+    if target.name == "portkey":  # routed per request, to the mock of the scenario's model
+        return Target("portkey", target.base_url, portkey_peer.headers(services.mocks[scenario.model]), target.pid)
     return target
 
 
@@ -476,9 +577,9 @@ def scenario_table(scenario: Scenario, runs: dict[str, Run]) -> list[str]:
     for name, run in runs.items():
         load = run.load
         seconds = load.get("seconds") or math.nan
-        # Beyond the window: Sluice is compared with the moment the direct client had the text
+        # Beyond the window: Sluice (any worker count) is compared with the moment the direct client had the text
         # the window needs; a gateway without moderation with the direct first token.
-        ttft_base = "release_ms" if name == "sluice" else "ttft_ms"
+        ttft_base = "release_ms" if name.startswith("sluice") else "ttft_ms"
         rss = run.rss_ready if scenario.hold else run.rss_peak
         rows.append((
             name, fmt(load.get("rps")), fmt(pct(load, "latency_ms", "p50")), fmt(pct(load, "latency_ms", "p99")),
@@ -504,7 +605,7 @@ def ratio(a: float, b: float) -> float:
     return a / b if b and not math.isnan(a) and not math.isnan(b) else math.nan
 
 
-def summary(results: dict[str, dict[str, Run]], opts: argparse.Namespace) -> list[str]:
+def summary(results: dict[str, dict[str, Run]], opts: argparse.Namespace, services: Services | None = None) -> list[str]:
     lines = ["", "against the issue's targets:"]
 
     def figure(scenario: str, target: str, metric: str, p: str | None = None) -> float:
@@ -535,12 +636,33 @@ def summary(results: dict[str, dict[str, Run]], opts: argparse.Namespace) -> lis
         r = ratio(figure(name, "sluice", metric), figure(name, "litellm", metric))
         lines.append(f"  {name} {metric.replace('_', ' ')}, Sluice / LiteLLM: {fmt(r, 2)}x (target >= {want:g}x): "
                      f"{verdict(None if math.isnan(r) else r >= want)}")
-    hold = results.get("open-2000", {}).get("sluice")
-    if hold is not None:
+        if "portkey" in results.get(name, {}):
+            lines.append(f"  {name} {metric.replace('_', ' ')}, Sluice / Portkey: "
+                         f"{fmt(ratio(figure(name, 'sluice', metric), figure(name, 'portkey', metric)), 2)}x")
+    for name in ("chat-c200", "stream-c500"):
+        metric = SCALING[name]
+        two = figure(name, "sluice-2w", metric)
+        if math.isnan(two):
+            continue
+        r = ratio(two, figure(name, "sluice", metric))
+        shared = opts.placement.shares_cores(2)
+        lines.append(f"  {name} {metric.replace('_', ' ')}, Sluice 2 workers / 1 worker: {fmt(r, 2)}x "
+                     f"(target >= {SCALING_TARGET:g}x with the load generator and the mocks on cores of their own): "
+                     + ("- (not measurable here: the workers share the cores with the load)" if shared
+                        else verdict(None if math.isnan(r) else r >= SCALING_TARGET)))
+    for hold_name in ("sluice", "sluice-2w"):
+        hold = results.get("open-2000", {}).get(hold_name)
+        if hold is None:
+            continue
         per_stream = (hold.rss_ready - hold.rss_before) / max(hold.load.get("ok", 0) or 1, 1)
-        lines.append(f"  2,000 open streams: Sluice RSS {fmt(hold.rss_ready / MIB, 0)} MiB with every stream open "
-                     f"({fmt(hold.rss_before / MIB, 0)} MiB before, {fmt(per_stream / 1024, 1)} KiB per stream; "
-                     f"target < 400 MB): {verdict(None if math.isnan(hold.rss_ready) else hold.rss_ready < 400e6)}")
+        # Forked workers share the pages they inherited (the token encodings, the imports): the sum of
+        # their RSS counts those once per process, their PSS once in all, which is what the machine holds.
+        in_all = hold.pss_ready if services and services.workers.get(hold_name, 1) > 1 else hold.rss_ready
+        lines.append(f"  2,000 open streams: {hold_name} RSS {fmt(hold.rss_ready / MIB, 0)} MiB with every stream open "
+                     f"(PSS {fmt(hold.pss_ready / MIB, 0)} MiB; {fmt(hold.rss_before / MIB, 0)} MiB RSS before, "
+                     f"{fmt(per_stream / 1024, 1)} KiB per stream; target < 400 MB"
+                     f"{', by PSS: its processes share pages' if in_all is hold.pss_ready else ''}): "
+                     f"{verdict(None if math.isnan(in_all) else in_all < 400e6)}")
     for name in ("stream-c50", "stream-burst-c50", "stream-c500"):
         sluice, direct = results.get(name, {}).get("sluice"), results.get(name, {}).get("direct")
         if sluice is None or direct is None:
@@ -559,16 +681,61 @@ def summary(results: dict[str, dict[str, Run]], opts: argparse.Namespace) -> lis
     return lines
 
 
+# The saturating scenarios, where more workers should mean more throughput, and the figure that says so.
+SCALING = {"chat-c50": "rps", "chat-c200": "rps", "stream-c50": "chunks_per_second", "stream-c500": "chunks_per_second"}
+SCALING_TARGET = 1.6  # 2 workers against 1, on chat-c200 and stream-c500 (issue 23)
+
+
+def scaling(results: dict[str, dict[str, Run]], services: Services, opts: argparse.Namespace) -> list[str]:
+    """Throughput per worker count, per worker, and the ratio to one worker: Sluice's and LiteLLM's."""
+    lines = ["", "workers: throughput, per worker, and against the same gateway with one worker:"]
+    for kind in ("sluice", "litellm"):
+        counts = sorted({n for name, n in services.workers.items() if name == kind or name.startswith(kind + "-")})
+        if len(counts) < 2:
+            continue
+        for scenario, metric in SCALING.items():
+            runs = results.get(scenario, {})
+            one = runs.get(kind)
+            if one is None:
+                continue
+            base = float(one.load.get(metric) or math.nan)
+            unit = "req/s" if metric == "rps" else "chunks/s"
+            parts = []
+            for workers in counts:
+                run = runs.get(target_name(kind, workers))
+                if run is None:
+                    continue
+                value = float(run.load.get(metric) or math.nan)
+                cpu = 100 * run.cpu_seconds / (run.load.get("seconds") or math.nan)
+                parts.append(f"{workers}: {fmt(value, 0)} {unit} ({fmt(value / workers, 0)} per worker, "
+                             f"{fmt(ratio(value, base), 2)}x; CPU {fmt(cpu, 0)}% of a core)")
+            lines.append(f"  {kind} {scenario}: " + "; ".join(parts))
+    for workers in opts.workers:
+        if workers > 1 and opts.placement.shares_cores(workers):
+            lines.append(f"  (with {workers} workers on this {len(os.sched_getaffinity(0))}-core machine the workers share their "
+                         "cores with the load generator and the mocks: the ratio is not the gateway's own scaling; "
+                         "tests/bench/instructions.py counts the work per request instead)")
+    for reason in services.not_run:
+        lines.append(f"  not run: {reason}")
+    return lines
+
+
 def report(results: dict[str, dict[str, Run]], opts: argparse.Namespace, holdbacks: dict[str, int],
-           litellm_version: str | None) -> str:
+           litellm_version: str | None, services: Services | None = None, portkey_version: str | None = None) -> str:
+    services = services or Services()
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    out = [f"Sluice benchmark suite, {now}", machine_line(), opts.placement.describe()]
+    out = [f"Sluice benchmark suite, {now}", machine_line(), opts.placement.describe(opts.workers)]
     out.append(f"Sluice: moderation {'off' if opts.no_moderation else f'on (six PII redact rules, {TERMS:,}-term block list)'}, "
                f"{opts.store} store, limits far above the load, JSON logs at {opts.log_level} to a file"
                + (f"; LiteLLM {litellm_version}: its defaults, no database (so no budgets), "
                   f"{'its content filter with email masking and the same block list' if opts.litellm_moderation else 'no moderation'}"
                   if litellm_version
-                  else "; LiteLLM: not run (set SLUICE_BENCH_LITELLM)"))
+                  else "; LiteLLM: not run (set SLUICE_BENCH_LITELLM)")
+               + (f"; Portkey's gateway {portkey_version}: its defaults, routed by headers, no keys, limits or moderation"
+                  if portkey_version else "; Portkey: not run (set SLUICE_BENCH_PORTKEY)"))
+    if any(n > 1 for n in opts.workers):
+        out.append(f"workers: Sluice (and LiteLLM, with --num_workers) ran with {', '.join(map(str, opts.workers))} "
+                   "worker processes: the targets named -Nw")
     out.append(f"mock: {opts.delay_ms:g} ms before a whole answer, {opts.chunk_delay_ms:g} ms before each streamed word "
                f"({opts.slow_chunk_delay_ms:g} ms for the open streams); the load is a closed loop, one "
                f"loadgen process per run; workers start over one delay (chat), over {opts.stream_ramp_seconds:g} s "
@@ -585,7 +752,8 @@ def report(results: dict[str, dict[str, Run]], opts: argparse.Namespace, holdbac
         if scenario.stream and holdbacks.get(scenario.name):
             extra = f"; the window holds the first {holdbacks[scenario.name]} characters"
         out += ["", f"{scenario.name}: {scenario.title}{extra}"] + scenario_table(scenario, runs)
-    out += summary(results, opts)
+    out += scaling(results, services, opts)
+    out += summary(results, opts, services)
     return "\n".join(out)
 
 
@@ -629,11 +797,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--litellm-moderation", action="store_true",
                         help="give LiteLLM its offline content filter (email masking and the same block list)")
     parser.add_argument("--make-litellm-venv", metavar="DIR", help="create a venv with litellm[proxy] there and use it")
+    parser.add_argument("--portkey", help=f"the folder with Portkey's gateway installed (default: ${portkey_peer.PORTKEY_ENV})")
+    parser.add_argument("--make-portkey-folder", metavar="DIR", help="install Portkey's gateway there (npm) and use it")
+    parser.add_argument("--workers", default="1,2",
+                        help="comma-separated worker counts to run Sluice (and LiteLLM) with (default 1,2)")
     parser.add_argument("--profile", metavar="FILE", help="run Sluice under cProfile and save the profile there")
     parser.add_argument("--no-pin", action="store_true",
                         help="let every process run on every core (default: each target alone on the last CPU)")
     opts = parser.parse_args()
     opts.placement = Placement.choose(not opts.no_pin)
+    try:
+        opts.workers = sorted({int(n) for n in opts.workers.split(",")} | {1})
+    except ValueError:
+        parser.error("--workers takes comma-separated numbers, such as 1,2")
     known = {s.name for s in SCENARIOS}
     opts.scenarios = [s for s in SCENARIOS if not opts.only or s.name in opts.only.split(",")]
     unknown = set(opts.only.split(",")) - known if opts.only else set()
@@ -647,13 +823,15 @@ async def main_async(opts: argparse.Namespace, tmp: Path, files: list[Any]) -> i
     services = Services()
     try:
         await start_services(opts, tmp, files, services, procs)
-        litellm_version = None
+        litellm_version = portkey_version = None
         if any(t.name == "litellm" for t in services.targets):
             litellm_version = litellm_peer.version(opts.litellm or os.environ[litellm_peer.LITELLM_ENV])
+        if any(t.name == "portkey" for t in services.targets):
+            portkey_version = portkey_peer.version(opts.portkey or os.environ[portkey_peer.PORTKEY_ENV])
         results: dict[str, dict[str, Run]] = {}
         holdbacks: dict[str, int] = {}
         for scenario in opts.scenarios:
-            holdbacks[scenario.name] = window_holdback_chars(scenario, not opts.no_moderation, tmp)
+            holdbacks[scenario.name] = window_holdback_chars(scenario, not opts.no_moderation, tmp / "sluice")
             rounds: dict[str, list[Run]] = {target.name: [] for target in services.targets}
             for round_number in range(1 if scenario.single_round else opts.rounds):
                 # The order turns each round, so no target always runs first (or last) on a warming machine.
@@ -666,7 +844,7 @@ async def main_async(opts: argparse.Namespace, tmp: Path, files: list[Any]) -> i
                     print(f"    {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
             results[scenario.name] = {name: combine(runs) for name, runs in rounds.items()}
         print()
-        print(report(results, opts, holdbacks, litellm_version))
+        print(report(results, opts, holdbacks, litellm_version, services, portkey_version))
         return 0
     finally:
         for proc in reversed(procs):
@@ -679,6 +857,8 @@ def main() -> int:
     opts = parse_args()
     if opts.make_litellm_venv:
         opts.litellm = str(litellm_peer.make_venv(Path(opts.make_litellm_venv)))
+    if opts.make_portkey_folder:
+        opts.portkey = str(portkey_peer.make_folder(Path(opts.make_portkey_folder)))
     with tempfile.TemporaryDirectory(prefix="sluice-suite-") as tmp_name:
         files: list[Any] = []
         try:
