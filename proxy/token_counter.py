@@ -84,20 +84,23 @@ class StreamingTokenCounter:
         tail = self._tail
         return self._settled + (len(tail) if tail.isascii() else 4 * len(tail))
 
-    def fit(self, text: str, budget: int) -> str:
-        """The longest start of ``text`` that keeps ``total()`` within ``budget`` once added."""
+    def fit(self, text: str, budget: int) -> tuple[str, int]:
+        """The longest start of ``text`` that keeps ``total()`` within ``budget`` once added, and that total."""
         encoding, tail = self._encoding, self._tail
         room = budget - self._settled
-        if _count(encoding, tail + text) <= room:
-            return text
+        whole = _count(encoding, tail + text)
+        if whole <= room:
+            return text, self._settled + whole
         low, high = 0, len(text)  # text[:low] fits, text[:high] does not
+        fits = _count(encoding, tail)
         while high - low > 1:
             middle = (low + high) // 2
-            if _count(encoding, tail + text[:middle]) <= room:
-                low = middle
+            count = _count(encoding, tail + text[:middle])
+            if count <= room:
+                low, fits = middle, count
             else:
                 high = middle
-        return text[:low]
+        return text[:low], self._settled + fits
 
     def settle_now(self) -> None:
         """Encode what is settled now (near an answer cap, where ``total`` is asked per chunk)."""

@@ -93,12 +93,13 @@ class _Field:
 
 
 class _Choice:
-    __slots__ = ("capped", "fields", "finished")
+    __slots__ = ("capped", "fields", "finished", "room")
 
-    def __init__(self) -> None:
+    def __init__(self, cap: int | None) -> None:
         self.fields: dict[FieldKey, _Field] = {}
         self.finished = False
         self.capped = False
+        self.room = cap or 0  # tokens the answer cap surely still allows (see ``_fit``)
 
 
 class _Choices:
@@ -125,7 +126,7 @@ class _Choices:
             raise StreamBroken("The upstream sent a choice whose index is not a number.")
         state = self.choices.get(index)
         if state is None:
-            state = self.choices[index] = _Choice()
+            state = self.choices[index] = _Choice(self.cap)
         return index, state
 
     def _field(self, state: _Choice, key: FieldKey) -> _Field:
@@ -193,18 +194,25 @@ class _Choices:
         return changed, bool(fields), due
 
     def _fit(self, state: _Choice, field: _Field, text: str) -> str:
-        """``text``, or as much of it as the answer cap leaves this choice."""
+        """``text``, or as much of it as the answer cap leaves this choice.
+
+        ``state.room`` is what the cap leaves beyond an upper bound of the
+        choice's tokens; a chunk costs at most one token per UTF-8 byte, so
+        most chunks only subtract. When the room runs out, the choice's
+        tokens are counted exactly and the room is set again from them.
+        """
+        cost = len(text) if text.isascii() else 4 * len(text)
+        if cost <= state.room:
+            state.room -= cost
+            return text
         cap = self.cap
         assert cap is not None
-        fields = state.fields
-        cost = len(text) if text.isascii() else 4 * len(text)
-        bound = field.counter.bound() if len(fields) == 1 else sum(f.counter.bound() for f in fields.values())
-        if bound + cost <= cap:
-            return text
         for f in state.fields.values():
             f.counter.settle_now()
         others = sum(f.counter.total() for f in state.fields.values() if f is not field)
-        return field.counter.fit(text, cap - others)
+        fitted, total = field.counter.fit(text, cap - others)
+        state.room = cap - others - total
+        return fitted
 
     def _feed(
         self, field: _Field, text: str, entries: list[Any] | None, final: bool, due: dict[FieldKey, list[Any]], key: FieldKey

@@ -46,9 +46,12 @@ def stream_chunks(text: str) -> list[bytes]:
     return chunks
 
 
+CAP: int | None = None  # the answer cap the gateway holds where a token budget applies
+
+
 def relay(engine: ModerationEngine | None, chunks: list[bytes]) -> None:
     parsed = ParsedRequest({}, "gpt-4o", stream=True)
-    pipeline = StreamPipeline(ChatFormat().stream_rewriter(parsed, AnswerContext("gpt-4o", engine)), 1 << 20)
+    pipeline = StreamPipeline(ChatFormat().stream_rewriter(parsed, AnswerContext("gpt-4o", engine, cap=CAP)), 1 << 20)
     for chunk in chunks:
         pipeline.feed(chunk)
 
