@@ -20,7 +20,8 @@ from typing import Any
 from .. import validation
 from ..tokens import count_chat_prompt
 from .base import AnswerContext, Moderated, ParsedRequest, TextRef, WireFormat
-from .choices import ChoiceShape, ChoicesRewriter, FieldKey, moderate_choices
+from .choices import ChoiceShape, FieldKey, moderate_choices
+from .choices_stream import ChoicesRewriter
 
 TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 _TEXT_SET = frozenset(TEXT_FIELDS)

@@ -13,7 +13,8 @@ from .. import validation
 from ..tokens import count_prompt
 from .base import AnswerContext, Moderated, ParsedRequest, TextRef, WireFormat
 from .chat import usage_request
-from .choices import ChoiceShape, ChoicesRewriter, FieldKey, moderate_choices
+from .choices import ChoiceShape, FieldKey, moderate_choices
+from .choices_stream import ChoicesRewriter
 from .prompts import prompt_refs
 
 _ARRAYS = ("tokens", "token_logprobs", "top_logprobs", "text_offset")

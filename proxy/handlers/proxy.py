@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from ..accounting import Reservation
 from ..auth import Caller
 from ..errors import GatewayError, UpstreamFailure
 from ..formats import AnswerContext, ParsedRequest, WireFormat
