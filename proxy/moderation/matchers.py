@@ -357,21 +357,24 @@ def _collect(
     reach = m.max_len + RIGHT_CONTEXT
     while position < frontier:
         block_end = min(frontier, position + BLOCK)
-        found = m.pattern.search(text[position - base : min(t, block_end + reach) - base])
+        # One character before the slice, so "\\b" and "^" see what precedes it.
+        lo = position - 1 if position > base else position
+        found = m.pattern.search(text[lo - base : min(t, block_end + reach) - base], position - lo)
         if found is None:
             position = block_end
             continue
-        begin = position + found.start(m.group)
+        begin = lo + found.start(m.group)
         if begin >= block_end:
             position = block_end
             continue
         position = begin + 1
         if m.left and begin > base and text[begin - 1 - base] in m.left:
             continue
-        hit = m.pattern.match(text[begin - base : min(t, begin + reach) - base])
-        if hit is None or hit.start(m.group) != 0:
+        lo = begin - 1 if begin > base else begin
+        hit = m.pattern.match(text[lo - base : min(t, begin + reach) - base], begin - lo)
+        if hit is None or hit.start(m.group) != begin - lo:
             continue
-        length = hit.end(m.group)
+        length = hit.end(m.group) - (begin - lo)
         if 0 < length <= m.max_len:
             keep = m.validate(hit.group(m.group)) if m.validate else length
             if keep:

@@ -154,10 +154,12 @@ def _fold_char(char: str) -> tuple[str, str]:
         if len(plain) > 1:  # "İ" folds to "i" plus a dot: keep the letter
             plain = "".join(c for c in plain if not unicodedata.combining(c)) or plain
     folded = []
-    own = latin_lookalike(_strip_diacritics(char)) if len(plain) == 1 else None
     for lower in plain:
+        # The small letter's look-alike first, so a capital and its small letter fold
+        # alike (a Greek term matches in capitals); the capital's only if it has none.
         base = _strip_diacritics(lower)
-        folded.append(own or latin_lookalike(base) or base)
+        upper = base.upper()
+        folded.append(latin_lookalike(base) or (len(upper) == 1 and latin_lookalike(upper)) or base)
     return plain, "".join(folded)
 
 
