@@ -24,9 +24,9 @@ where the text seen so far is still the beginning of some term.
 Patterns (``PatternMatcher``: ``regex`` rules and the PII detectors) run in
 RE2, a linear-time engine, so no pattern and no text can stall the event
 loop. A match at view position ``s`` is the pattern matched at ``s`` on at
-most ``max_len + RIGHT_CONTEXT`` characters of text from ``s`` on (``group``
-says which group is the match: a PII pattern may consume one character after
-it, RE2's stand-in for a lookahead), accepted when it is 1 to ``max_len``
+most ``max_len + RIGHT_CONTEXT`` characters of text from ``s`` on (``groups``
+say which group is the match, the first that took part: a PII pattern may
+consume one character after it, RE2's stand-in for a lookahead), accepted when it is 1 to ``max_len``
 characters long and the character before ``s`` is not in ``left`` (RE2's
 stand-in for a lookbehind). That is decided once ``s + max_len +
 RIGHT_CONTEXT`` characters exist, or earlier when a ``tail`` pattern says so
@@ -202,8 +202,8 @@ class TermsScanner:
                         continue
                 if m.leet and not any(c.isalpha() for c in track.text[begin - base : end - base]):
                     continue  # a number alone is not leetspeak
-                if script is None or track.text[begin - base : end - base].isascii():
-                    spans.append((begin, end, 0))  # ASCII text is Latin: no look-alike to judge
+                if script is None or (script == "LATIN" and _orig_span(views.normalizer, track, begin, end).isascii()):
+                    spans.append((begin, end, 0))  # ASCII is Latin: no look-alike to judge
                 else:
                     self._pending.append((begin, end, script))
             self._done = decided
@@ -251,6 +251,10 @@ class TermsScanner:
         self._live_end = t
 
 
+def _orig_span(normalizer: Normalizer, track: Track, begin: int, end: int) -> str:
+    return normalizer.orig_text(track.starts[begin - track.base], track.ends[end - 1 - track.base])
+
+
 Validator = Callable[[str], "int | None"]
 
 
@@ -285,7 +289,7 @@ class PatternMatcher:
         validate: Validator | None = None,
         needs: tuple[str, ...] | None = None,
         left: str | frozenset[str] = "",
-        group: int = 0,
+        groups: tuple[int, ...] = (0,),
     ):
         self.pattern = pattern
         self.max_len = max_len
@@ -295,7 +299,7 @@ class PatternMatcher:
         self.validate = validate
         self.needs = needs
         self.left = left if isinstance(left, frozenset) else frozenset(left)
-        self.group = group
+        self.groups = groups
         self._needs_search = None if needs is None else _literal_search(needs)
         self.hold_chars = max_len + RIGHT_CONTEXT - 1
 
@@ -363,7 +367,7 @@ def _collect(
         if found is None:
             position = block_end
             continue
-        begin = lo + found.start(m.group)
+        begin = lo + _span(m, found)[0]
         if begin >= block_end:
             position = block_end
             continue
@@ -372,13 +376,25 @@ def _collect(
             continue
         lo = begin - 1 if begin > base else begin
         hit = m.pattern.match(text[lo - base : min(t, begin + reach) - base], begin - lo)
-        if hit is None or hit.start(m.group) != begin - lo:
+        if hit is None:
             continue
-        length = hit.end(m.group) - (begin - lo)
+        start, end = _span(m, hit)
+        if start != begin - lo:
+            continue
+        length = end - start
         if 0 < length <= m.max_len:
-            keep = m.validate(hit.group(m.group)) if m.validate else length
+            keep = m.validate(hit.string[start:end]) if m.validate else length
             if keep:
                 spans.append((begin, begin + keep, member))
+
+
+def _span(m: PatternMatcher, hit) -> tuple[int, int]:
+    """The span of the first of the matcher's groups that took part in the match."""
+    for group in m.groups:
+        start = hit.start(group)
+        if start >= 0:
+            return start, hit.end(group)
+    return hit.start(), hit.end()
 
 
 class PatternGroup:

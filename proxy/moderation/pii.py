@@ -281,9 +281,10 @@ _SECRET_PATTERN = (
     r"|aiza[a-z0-9_-]{35}"  # Google API keys
     r"|xox[baprs]-[a-z0-9-]{10,250}"  # Slack
     r"|eyj[a-z0-9_-]{8,400}\.eyj[a-z0-9_-]{8,999}\.[a-z0-9_-]{0,400}"  # JWT
-    # PEM and PGP private key blocks, header to footer (the header alone without a footer)
-    rf"|(?s:-----begin {_KEY_LABEL}(?:.*?-----end {_KEY_LABEL})?)"
     r"))(?:[^a-z0-9_-]|\z)"
+    # PEM and PGP private key blocks, header to footer (the header alone without a footer); the
+    # body has no run of five dashes, so a block ends at its own footer, as its tail says.
+    rf"|(-----begin {_KEY_LABEL}(?:(?:[^-]|-{{1,4}}[^-])*-----end {_KEY_LABEL})?)"
 )
 
 
@@ -338,5 +339,5 @@ def pii_matcher(entity: str) -> PatternMatcher:
         validate=detector.validate,
         needs=detector.needs,
         left=detector.left,
-        group=1,
+        groups=(1, 2) if entity == "secret" else (1,),
     )
