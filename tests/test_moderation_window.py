@@ -137,3 +137,20 @@ def test_ascii_chunks_build_the_views_the_general_way_does(text: str, sizes: lis
             assert getattr(getattr(fast, view), field) == getattr(getattr(general, view), field), (view, field)
     for field in ("orig", "_ws_run", "_after_space", "_marker_run", "_folded_word"):
         assert getattr(fast, field) == getattr(general, field), field
+
+
+QUIET_PIECES = ["a", "s", "k", "x", "o", "gi", "th", "-", "--", "(", "+", ".", " ", "'", "%", "ey", "xo", "ak", "gl", "hf", "ai", "sk", "_", "1", "@"]
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from(QUIET_PIECES), max_size=30).map("".join), st.data())
+@pytest.mark.parametrize("entity", sorted(DETECTORS))
+def test_quiet_frontiers_equal_the_tails(entity: str, text: str, data: st.DataObject) -> None:
+    """On ASCII text without the detector's needs, the Python answer is the tail's own."""
+    matcher = pii_matcher(entity)
+    start = data.draw(st.integers(0, len(text)))
+    if matcher.may_match(text, start, len(text)):
+        return  # not quiet: the tail itself is asked
+    live = matcher.tail.search(text[start:])
+    expected = len(text) if live is None else start + live.start()
+    assert matcher.quiet(text, 0, start, len(text)) == expected

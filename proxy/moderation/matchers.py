@@ -256,6 +256,8 @@ def _orig_span(normalizer: Normalizer, track: Track, begin: int, end: int) -> st
 
 
 Validator = Callable[[str], "int | None"]
+# The tail's answer on quiet text, in Python (see ``pii.Detector``).
+Quiet = Callable[[str, int, int, int], int]
 
 
 class PatternMatcher:
@@ -288,6 +290,7 @@ class PatternMatcher:
         tail=None,
         validate: Validator | None = None,
         needs: tuple[str, ...] | None = None,
+        quiet: Quiet | None = None,
         left: str | frozenset[str] = "",
         groups: tuple[int, ...] = (0,),
     ):
@@ -298,6 +301,7 @@ class PatternMatcher:
         self.tail = tail
         self.validate = validate
         self.needs = needs
+        self.quiet = quiet
         self.left = left if isinstance(left, frozenset) else frozenset(left)
         self.groups = groups
         self._needs_search = None if needs is None else _literal_search(needs)
@@ -350,7 +354,10 @@ def _frontier(m: PatternMatcher, text: str, base: int, start: int, t: int) -> in
     start = max(start, t - m.hold_chars)
     if m.tail is None:
         return start
-    live = m.tail.search(text[start - base : t - base])
+    piece = text[start - base : t - base]
+    if m.quiet is not None and piece.isascii() and not m.may_match(text, start - base, t - base):
+        return m.quiet(text, base, start, t)
+    live = m.tail.search(piece)
     return t if live is None else start + live.start()
 
 
@@ -431,6 +438,11 @@ class PatternGroup:
         self._needs = [(_literal_search(needs), members) for needs, members in by_needs.items()]
         every_need = [needle for m in self.members for needle in m.needs or ()]
         self._any_need = None if self._needless else _literal_search(every_need)
+        self.quiet = self._any_need is not None and all(m.quiet is not None for m in self.members)
+
+    def may_match(self, text: str, start: int, end: int) -> bool:
+        """Whether any member's ``needs`` is in ``text[start:end]``."""
+        return self._any_need is None or self._any_need.search(text, start, end) is not None
 
     def possible_members(self, text: str, start: int, end: int) -> tuple[int, ...]:
         """The members that could match in ``text[start:end]``, in order."""
@@ -487,13 +499,18 @@ class PatternGroupScanner(_PatternProgress):
             # frontier from below, and is the least of them if every member's window
             # reaches it (else that member's window decides: ask each member).
             start = max(position, t - g.hold_chars)
-            live = g.tail.search(text[start - base : t - base])
-            if live is None:
-                frontier = t
-            elif start + live.start() >= t - g.min_hold_chars:
-                frontier = start + live.start()
+            piece = text[start - base : t - base]
+            if g.quiet and piece.isascii() and not g.may_match(text, start - base, t - base):
+                # Quiet text (most prose): each member's tail answered in Python.
+                frontier = min(m.quiet(text, base, max(position, t - m.hold_chars), t) for m in g.members)
             else:
-                frontier = min(_frontier(m, text, base, position, t) for m in g.members)
+                live = g.tail.search(piece)
+                if live is None:
+                    frontier = t
+                elif start + live.start() >= t - g.min_hold_chars:
+                    frontier = start + live.start()
+                else:
+                    frontier = min(_frontier(m, text, base, position, t) for m in g.members)
         spans: list[Span] = []
         possible = g.possible_members(text, position - base, t - base) if position < frontier else ()
         for member in possible:

@@ -41,12 +41,19 @@ from dataclasses import dataclass
 import phonenumbers
 import re2
 
-from .matchers import PatternMatcher, Validator
+from .matchers import PatternMatcher, Quiet, Validator
 
 
 @dataclass(frozen=True)
 class Detector:
-    """One PII entity. One of ``needs`` is inside every match: the matcher skips text without any."""
+    """One PII entity. One of ``needs`` is inside every match: the matcher skips text without any.
+
+    ``quiet(text, base, start, t)`` is what the tail's search from ``start``
+    would answer, computed in Python, for ASCII text with none of ``needs``
+    in ``text[start:t]`` (most prose): a call into RE2 costs more than a
+    streamed chunk's whole round. ``test_quiet_frontiers_equal_the_tails``
+    checks each against its tail.
+    """
 
     pattern: str
     tail: str
@@ -54,6 +61,7 @@ class Detector:
     left: frozenset[str] | str = ""
     needs: tuple[str, ...] | None = None
     validate: Validator | None = None
+    quiet: Quiet | None = None
 
 
 def _prefixes(*literals: str) -> str:
@@ -68,6 +76,35 @@ _ASCII_ALNUM = "abcdefghijklmnopqrstuvwxyz0123456789"
 
 def _digits(text: str) -> str:
     return "".join(c for c in text if c.isdigit())
+
+
+def _trailing_run(text: str, start: int, stop: int, chars: str, cap: int) -> int:
+    """How many of the characters before ``stop`` (none before ``start``) are in ``chars``, at most ``cap``."""
+    piece = text[max(start, stop - cap) : stop]
+    return len(piece) - len(piece.rstrip(chars))
+
+
+def _quiet_nothing(text: str, base: int, start: int, t: int) -> int:
+    return t
+
+
+def _quiet_email(text: str, base: int, start: int, t: int) -> int:
+    # No "@": the tail is a local part of at most 64 characters, then any one character.
+    if t <= start:
+        return t
+    return t - 1 - _trailing_run(text, start - base, t - 1 - base, TAIL_LOCAL_ASCII, 64)
+
+
+def _quiet_phone(text: str, base: int, start: int, t: int) -> int:
+    # No digit: a "+" or "(" that may begin a number, then any one character.
+    if t - 2 >= start and text[t - 2 - base] in "+(":
+        return t - 2
+    return t - 1 if t > start else t
+
+
+def _quiet_iban(text: str, base: int, start: int, t: int) -> int:
+    # No digit: one or two letters that may begin a country code.
+    return t - _trailing_run(text, start - base, t - base, "abcdefghijklmnopqrstuvwxyz", 2)
 
 
 class _WordChars(frozenset):
@@ -86,6 +123,9 @@ _ASSET_EXTENSIONS = frozenset(
 )
 _EMAIL_CHAR = r"[\pL\pN\pM._%+'-]"
 _LABEL = r"[\pL\pN](?:[\pL\pN\pM-]{0,61}[\pL\pN\pM])?"
+# What a local part may hold, as the tail sees it (``PatternGroup`` has it in Python too).
+TAIL_LOCAL_ASCII = "abcdefghijklmnopqrstuvwxyz0123456789._%+'-"
+_TAIL_LOCAL = r"(?:[a-z0-9._%+'-]|[^\x00-\x7f])"
 
 
 def _email_ok(match: str) -> int | None:
@@ -100,11 +140,14 @@ _EMAIL = Detector(
         rf"([\pL\pN_%+-]{_EMAIL_CHAR}{{0,63}}@(?:{_LABEL}\.)+(?:\pL[\pL\pM]{{1,23}}|xn--[a-z0-9-]{{1,59}}))"
         r"(?:[^\pL\pN\pM.-]|\.[^\pL\pN]|\.?\z)"
     ),
-    tail=rf"{_EMAIL_CHAR}{{0,64}}(?:@[\pL\pN\pM.-]{{0,190}})?.?\z",
+    # ASCII classes and "any non-ASCII" rather than \\pL: the same live stretches for
+    # the window (a tail may hold more, never less), and a DFA a thousand times smaller.
+    tail=rf"{_TAIL_LOCAL}{{0,64}}(?:@(?:[a-z0-9.-]|[^\x00-\x7f]){{0,190}})?.?\z",
     max_len=254,
     left=_WordChars("._%+-"),
     needs=("@",),
     validate=_email_ok,
+    quiet=_quiet_email,
 )
 
 
@@ -170,6 +213,7 @@ _PHONE = Detector(
     left=_WordChars("+"),
     needs=_DIGIT,
     validate=_phone_ok,
+    quiet=_quiet_phone,
 )
 
 
@@ -196,6 +240,7 @@ _CREDIT_CARD = Detector(
     left=frozenset("0123456789-"),
     needs=_DIGIT,
     validate=_luhn_ok,
+    quiet=_quiet_nothing,
 )
 
 
@@ -208,6 +253,7 @@ _IPV4 = Detector(
     max_len=15,
     left=_WordChars("._"),
     needs=_DIGIT,
+    quiet=_quiet_nothing,
 )
 
 
@@ -256,6 +302,7 @@ _IBAN = Detector(
     left=frozenset(_ASCII_ALNUM),
     needs=_DIGIT,
     validate=_iban_ok,
+    quiet=_quiet_iban,
 )
 
 
@@ -295,6 +342,18 @@ def _secret_ok(match: str) -> int | None:
     return len(match)
 
 
+_SECRET_PARTIALS = frozenset(p[:i] for p in (*_TOKEN_PREFIXES, _PEM_PREFIX) for i in range(1, len(p)))
+_LONGEST_PARTIAL = max(map(len, _SECRET_PARTIALS))
+
+
+def _quiet_secret(text: str, base: int, start: int, t: int) -> int:
+    # No prefix whole: the end of the text may be the beginning of one.
+    for size in range(min(_LONGEST_PARTIAL, t - start), 0, -1):
+        if text[t - size - base : t - base] in _SECRET_PARTIALS:
+            return t - size
+    return t
+
+
 _SECRET = Detector(
     pattern=_SECRET_PATTERN,
     tail=(
@@ -309,6 +368,7 @@ _SECRET = Detector(
     left=frozenset(_ASCII_ALNUM + "_-"),
     needs=("sk", "rk_", "akia", "asia", "_", "glpat", "aiza", "xox", "eyj", "-----"),
     validate=_secret_ok,
+    quiet=_quiet_secret,
 )
 
 DETECTORS: dict[str, Detector] = {
@@ -321,10 +381,11 @@ DETECTORS: dict[str, Detector] = {
 }
 
 
-def _options() -> re2.Options:
+def _options(*, dot_nl: bool = False) -> re2.Options:
     options = re2.Options()
     options.max_mem = 64 << 20
     options.log_errors = False
+    options.dot_nl = dot_nl  # a tail's "." is any character, a newline too
     return options
 
 
@@ -335,9 +396,10 @@ def pii_matcher(entity: str) -> PatternMatcher:
         re2.compile(detector.pattern, _options()),
         detector.max_len,
         view="plain",
-        tail=re2.compile(detector.tail, _options()),
+        tail=re2.compile(detector.tail, _options(dot_nl=True)),
         validate=detector.validate,
         needs=detector.needs,
+        quiet=detector.quiet,
         left=detector.left,
         groups=(1, 2) if entity == "secret" else (1,),
     )
