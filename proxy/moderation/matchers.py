@@ -43,6 +43,7 @@ from typing import Literal
 
 import ahocorasick
 
+from .linear_regex import LinearPattern, alternatives
 from .normalize import LEET, Normalizer, Track, is_word_char, letter_scripts
 
 LEFT_CONTEXT = 16
@@ -175,10 +176,10 @@ class TermsScanner:
 
     def advance(self, views: Views, final: bool) -> tuple[list[Span], int]:
         m = self._m
-        track = views.track(m.view)
-        text = views.text(m.view)
+        track = views.folded if m.track == "folded" else views.plain
+        text = track.text if m.view == m.track else views.text(m.view)
         base = track.base
-        t = track.end
+        t = base + len(text)
         # In word mode an occurrence is decided once the character after it is known.
         decided = t if final or not m.word else t - 1
         spans: list[Span] = []
@@ -244,8 +245,13 @@ class TermsScanner:
             char = text[begin - base]
             if char not in first_chars:
                 continue
-            if word and begin > 0 and is_word_char(char) and is_word_char(text[begin - 1 - base]):
-                continue  # inside a word: no word-mode term starts here
+            if word and begin > 0:
+                before = text[begin - 1 - base]
+                # ASCII answered inline: the same as ``is_word_char``, sooner.
+                if (char.isalnum() if char < "\x80" else is_word_char(char)) and (
+                    before.isalnum() if before < "\x80" else is_word_char(before)
+                ):
+                    continue  # inside a word: no word-mode term starts here
             candidates.append(begin)
         self._live = [b for b in candidates if m.automaton.match(text[b - base : t - base])]
         self._live_end = t
@@ -283,11 +289,11 @@ class PatternMatcher:
 
     def __init__(
         self,
-        pattern,
+        pattern: LinearPattern,
         max_len: int,
         *,
         view: ViewKind,
-        tail=None,
+        tail: LinearPattern | None = None,
         validate: Validator | None = None,
         needs: tuple[str, ...] | None = None,
         quiet: Quiet | None = None,
@@ -349,16 +355,35 @@ class PatternScanner(_PatternProgress):
         return spans, frontier
 
 
+class _PercentForNonAscii(dict):
+    def __missing__(self, code: int) -> int:
+        return 0x25 if code > 0x7F else code
+
+
+_NON_ASCII_TO_PERCENT = _PercentForNonAscii()
+
+
+def ascii_shadow(piece: str) -> str:
+    """``piece`` with every non-ASCII character as "%": to every tail the same as itself.
+
+    A tail reads non-ASCII characters only as possible letters of an e-mail
+    address's local part (and as any character, "."), where "%" stands too,
+    and no other tail reads "%" at all; so a quiet answer computed on the
+    shadow is the tail's answer on the text.
+    """
+    return piece if piece.isascii() else piece.translate(_NON_ASCII_TO_PERCENT)
+
+
 def _frontier(m: PatternMatcher, text: str, base: int, start: int, t: int) -> int:
     """The first position from ``start`` on not yet decided: by the window's length, or earlier by the tail."""
     start = max(start, t - m.hold_chars)
     if m.tail is None:
         return start
     piece = text[start - base : t - base]
-    if m.quiet is not None and piece.isascii() and not m.may_match(text, start - base, t - base):
-        return m.quiet(text, base, start, t)
+    if m.quiet is not None and not m.may_match(text, start - base, t - base):
+        return m.quiet(ascii_shadow(piece), start, start, t)
     live = m.tail.search(piece)
-    return t if live is None else start + live.start()
+    return t if live is None else start + live[0][0]
 
 
 def _collect(
@@ -382,7 +407,8 @@ def _collect(
         if m.left and begin > base and text[begin - 1 - base] in m.left:
             continue
         lo = begin - 1 if begin > base else begin
-        hit = m.pattern.match(text[lo - base : min(t, begin + reach) - base], begin - lo)
+        piece = text[lo - base : min(t, begin + reach) - base]
+        hit = m.pattern.match(piece, begin - lo)
         if hit is None:
             continue
         start, end = _span(m, hit)
@@ -390,18 +416,17 @@ def _collect(
             continue
         length = end - start
         if 0 < length <= m.max_len:
-            keep = m.validate(hit.string[start:end]) if m.validate else length
+            keep = m.validate(piece[start:end]) if m.validate else length
             if keep:
                 spans.append((begin, begin + keep, member))
 
 
-def _span(m: PatternMatcher, hit) -> tuple[int, int]:
+def _span(m: PatternMatcher, spans: list[tuple[int, int]]) -> tuple[int, int]:
     """The span of the first of the matcher's groups that took part in the match."""
     for group in m.groups:
-        start = hit.start(group)
-        if start >= 0:
-            return start, hit.end(group)
-    return hit.start(), hit.end()
+        if spans[group][0] >= 0:
+            return spans[group]
+    return spans[0]
 
 
 class PatternGroup:
@@ -426,7 +451,7 @@ class PatternGroup:
         self.members = tuple(matchers)
         self.view = self.members[0].view
         self.track = self.members[0].track
-        self.tail = _alternatives([m.tail for m in self.members])
+        self.tail = alternatives([m.tail for m in self.members])
         self.hold_chars = max(m.hold_chars for m in self.members)
         self.min_hold_chars = min(m.hold_chars for m in self.members)
         self._everyone = tuple(range(len(self.members)))
@@ -439,6 +464,17 @@ class PatternGroup:
         every_need = [needle for m in self.members for needle in m.needs or ()]
         self._any_need = None if self._needless else _literal_search(every_need)
         self.quiet = self._any_need is not None and all(m.quiet is not None for m in self.members)
+        # Members whose tail can be live on quiet text at all (a card's or address's cannot).
+        # Members whose tail can be live on quiet text at all (a card's or address's cannot),
+        # less those whose live stretch lies inside another's (the e-mail local part's).
+        covered = any(getattr(m.quiet, "covers_local_runs", False) for m in self.members)
+        self.quiet_members = tuple(
+            m
+            for m in self.members
+            if m.quiet is not None
+            and not getattr(m.quiet, "never_live", False)
+            and not (covered and getattr(m.quiet, "local_run", False))
+        )
 
     def may_match(self, text: str, start: int, end: int) -> bool:
         """Whether any member's ``needs`` is in ``text[start:end]``."""
@@ -472,12 +508,6 @@ def _literal_search(needles: Iterable[str]) -> re.Pattern[str]:
     return re.compile("|".join(alternatives) if alternatives else "(?!)")
 
 
-def _alternatives(patterns: Sequence) -> object:
-    import re2
-
-    return re2.compile("|".join(f"(?:{p.pattern})" for p in patterns), patterns[0].options)
-
-
 class PatternGroupScanner(_PatternProgress):
     """One stream's progress through a ``PatternGroup``, the same for every member."""
 
@@ -500,15 +530,20 @@ class PatternGroupScanner(_PatternProgress):
             # reaches it (else that member's window decides: ask each member).
             start = max(position, t - g.hold_chars)
             piece = text[start - base : t - base]
-            if g.quiet and piece.isascii() and not g.may_match(text, start - base, t - base):
+            if g.quiet and not g.may_match(text, start - base, t - base):
                 # Quiet text (most prose): each member's tail answered in Python.
-                frontier = min(m.quiet(text, base, max(position, t - m.hold_chars), t) for m in g.members)
+                shadow = ascii_shadow(piece)
+                frontier = t
+                for m in g.quiet_members:
+                    live = m.quiet(shadow, start, max(position, t - m.hold_chars), t)
+                    if live < frontier:
+                        frontier = live
             else:
                 live = g.tail.search(piece)
                 if live is None:
                     frontier = t
-                elif start + live.start() >= t - g.min_hold_chars:
-                    frontier = start + live.start()
+                elif start + live[0][0] >= t - g.min_hold_chars:
+                    frontier = start + live[0][0]
                 else:
                     frontier = min(_frontier(m, text, base, position, t) for m in g.members)
         spans: list[Span] = []

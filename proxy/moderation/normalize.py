@@ -75,7 +75,6 @@ MAX_MARKER_RUN = 3
 MAX_LEET_AMBIGUOUS_POSITIONS = 6
 
 MARKERS = frozenset("*_~")
-_MARKER = re.compile(r"[*_~]")
 # A code point that counts toward an invisible run (a fixed class, not a rule).
 _INVISIBLE_CHAR = regex.compile(r"[\p{Default_Ignorable_Code_Point}\p{M}]")
 
@@ -211,11 +210,11 @@ class Normalizer:
     def push(self, text: str) -> None:
         """Append text; every segment that can no longer grow enters the views."""
         if text.isascii():
-            if text and not text.isspace():
+            if self._invisible_run and text and not text.isspace():
                 self._invisible_run = 0
         else:
             text = self._drop_long_invisible_runs(text)
-        position = self.orig_end
+        position = self.orig_base + len(self.orig)
         self.orig += text
         segment, segment_start = self._open, self._open_start
         if text.isascii() and len(segment) <= 1 and segment < "\x80":
@@ -298,12 +297,12 @@ class Normalizer:
         p.starts.extend(starts)
         p.ends.extend(ends)
         f = self.folded
-        if _MARKER.search(folded) is None:
+        if "*" not in folded and "_" not in folded and "~" not in folded:
             f.text += folded
             f.starts.extend(starts)
             f.ends.extend(ends)
             last = folded[-1]
-            self._folded_word = is_word_char(last)
+            self._folded_word = last.isalnum() if last < "\x80" else is_word_char(last)
             self._marker_run = 0
             return
         kept: list[str] = []

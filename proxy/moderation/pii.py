@@ -39,8 +39,8 @@ import re
 from dataclasses import dataclass
 
 import phonenumbers
-import re2
 
+from .linear_regex import LinearPattern, options
 from .matchers import PatternMatcher, Quiet, Validator
 
 
@@ -88,11 +88,18 @@ def _quiet_nothing(text: str, base: int, start: int, t: int) -> int:
     return t
 
 
+_quiet_nothing.never_live = True  # type: ignore[attr-defined]
+
+
 def _quiet_email(text: str, base: int, start: int, t: int) -> int:
     # No "@": the tail is a local part of at most 64 characters, then any one character.
     if t <= start:
         return t
     return t - 1 - _trailing_run(text, start - base, t - 1 - base, TAIL_LOCAL_ASCII, 64)
+
+
+# Its stretch covers every shorter one of local-part characters ending at the text's end.
+_quiet_email.covers_local_runs = True  # type: ignore[attr-defined]
 
 
 def _quiet_phone(text: str, base: int, start: int, t: int) -> int:
@@ -105,6 +112,9 @@ def _quiet_phone(text: str, base: int, start: int, t: int) -> int:
 def _quiet_iban(text: str, base: int, start: int, t: int) -> int:
     # No digit: one or two letters that may begin a country code.
     return t - _trailing_run(text, start - base, t - base, "abcdefghijklmnopqrstuvwxyz", 2)
+
+
+_quiet_iban.local_run = True  # type: ignore[attr-defined]  # letters only, at most 2
 
 
 class _WordChars(frozenset):
@@ -346,12 +356,20 @@ _SECRET_PARTIALS = frozenset(p[:i] for p in (*_TOKEN_PREFIXES, _PEM_PREFIX) for 
 _LONGEST_PARTIAL = max(map(len, _SECRET_PARTIALS))
 
 
+_PARTIAL_ENDS = frozenset(p[-1] for p in _SECRET_PARTIALS)
+
+
 def _quiet_secret(text: str, base: int, start: int, t: int) -> int:
     # No prefix whole: the end of the text may be the beginning of one.
+    if t <= start or text[t - 1 - base] not in _PARTIAL_ENDS:
+        return t
     for size in range(min(_LONGEST_PARTIAL, t - start), 0, -1):
         if text[t - size - base : t - base] in _SECRET_PARTIALS:
             return t - size
     return t
+
+
+_quiet_secret.local_run = True  # type: ignore[attr-defined]  # letters and "-", at most 10
 
 
 _SECRET = Detector(
@@ -381,22 +399,14 @@ DETECTORS: dict[str, Detector] = {
 }
 
 
-def _options(*, dot_nl: bool = False) -> re2.Options:
-    options = re2.Options()
-    options.max_mem = 64 << 20
-    options.log_errors = False
-    options.dot_nl = dot_nl  # a tail's "." is any character, a newline too
-    return options
-
-
 def pii_matcher(entity: str) -> PatternMatcher:
     """The matcher for one PII entity (compiled once per config load)."""
     detector = DETECTORS[entity]
     return PatternMatcher(
-        re2.compile(detector.pattern, _options()),
+        LinearPattern(detector.pattern, options()),
         detector.max_len,
         view="plain",
-        tail=re2.compile(detector.tail, _options(dot_nl=True)),
+        tail=LinearPattern(detector.tail, options(dot_nl=True)),  # a tail's "." is any character
         validate=detector.validate,
         needs=detector.needs,
         quiet=detector.quiet,

@@ -15,6 +15,7 @@ from pathlib import Path
 import re2
 
 from ..config import ConfigError, ModerationConfig, RuleConfig
+from .linear_regex import LinearPattern, error_text, options
 from .matchers import PatternMatcher, TermsMatcher
 from .normalize import LEET, fold_term, leet_variants, term_script
 from .pii import pii_matcher
@@ -113,16 +114,12 @@ def _read_terms_file(path: str, where: str, problems: list[str]) -> list[tuple[s
     return terms
 
 
-def compile_regex(pattern: str):
+def compile_regex(pattern: str) -> LinearPattern:
     """Compile a rule's pattern in RE2, case-insensitively (the view is case-folded); raises ``re2.error``."""
-    options = re2.Options()
-    options.case_sensitive = False
-    options.log_errors = False
-    options.max_mem = 64 << 20
-    return re2.compile(pattern, options)
+    return LinearPattern(pattern, options(case_sensitive=False))
 
 
-def regex_width(pattern: str, compiled) -> tuple[int, int]:
+def regex_width(pattern: str, compiled: LinearPattern) -> tuple[int, int]:
     """The shortest and longest text ``pattern`` can match (huge when unbounded).
 
     Python's own parser knows this for the syntax it shares with RE2; for the
@@ -132,7 +129,8 @@ def regex_width(pattern: str, compiled) -> tuple[int, int]:
     try:
         return re._parser.parse(pattern, re.IGNORECASE).getwidth()  # type: ignore[attr-defined]
     except (re.error, OverflowError, RecursionError):
-        empty = compiled.search("") is not None or any(m.end() == m.start() for m in compiled.finditer("a 0 ."))
+        probe = "a 0 ."
+        empty = any((found := compiled.search(probe, i)) is not None and found[0][0] == found[0][1] for i in range(6))
         return (0 if empty else 1), 1 << 30
 
 
@@ -141,8 +139,7 @@ def _regex_matcher(rule: RuleConfig, where: str, problems: list[str]) -> Pattern
     try:
         pattern = compile_regex(rule.pattern)
     except re2.error as exc:
-        reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
-        problems.append(f"{where}.pattern: rule {rule.name!r}: RE2 cannot compile it ({reason})")
+        problems.append(f"{where}.pattern: rule {rule.name!r}: RE2 cannot compile it ({error_text(exc)})")
         return None
     shortest, longest = regex_width(rule.pattern, pattern)
     if shortest == 0:

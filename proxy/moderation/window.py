@@ -167,15 +167,18 @@ class ModerationStream:
         normalizer = self._normalizer
         views = Views(normalizer)
         limit = normalizer.pending_start
+        plain, folded = normalizer.plain, normalizer.folded
         for members, scanner in self._scanners:
-            track = views.track(scanner.track)
-            starts, ends, base = track.starts, track.ends, track.base
             spans, frontier = scanner.advance(views, final)
+            track = plain if scanner.track == "plain" else folded
+            base = track.base
             for begin, end, member in spans:
-                self._candidates.append(_Candidate(starts[begin - base], ends[end - 1 - base], members[member]))
+                self._candidates.append(_Candidate(track.starts[begin - base], track.ends[end - 1 - base], members[member]))
             # Every candidate of this scanner that starts before its frontier is known.
-            if frontier < track.end:
-                limit = min(limit, starts[frontier - base])
+            if frontier - base < len(track.text):
+                start = track.starts[frontier - base]
+                if start < limit:
+                    limit = start
         if self._candidates:
             result = self._act(limit)
         elif limit > self._released:  # ``_release``, inlined for the common case
@@ -183,7 +186,7 @@ class ModerationStream:
             self._released = limit
         else:
             result = _NOTHING
-        if result.blocked is None and normalizer.orig_end >= self._trim_at:
+        if result.blocked is None and normalizer.orig_base + len(normalizer.orig) >= self._trim_at:
             plain, folded = normalizer.plain.end, normalizer.folded.end
             for _, scanner in self._scanners:
                 if scanner.track == "plain":
