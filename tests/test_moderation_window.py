@@ -170,3 +170,12 @@ def test_linear_regex_fast_path_agrees(entity: str, text: str, data: st.DataObje
         fast = run(text, pos)
         wrapped = (pattern._wrapped.search if run == pattern.search else pattern._wrapped.match)(text, pos)
         assert fast == (None if wrapped is None else [wrapped.span(g) for g in range(pattern.groups + 1)])
+
+
+def test_the_detectors_tails_fit_their_windows() -> None:
+    """What lets the group decide with one merged tail search (``PatternGroup.exact``)."""
+    for entity in DETECTORS:
+        matcher = pii_matcher(entity)
+        assert entity == "secret" or matcher.tail_chars <= matcher.hold_chars, entity
+    group = next(m for _, m in _engine(merge=True)._plans["output"].scans if isinstance(m, PatternGroup))
+    assert group.exact

@@ -312,6 +312,7 @@ class PatternMatcher:
         self.groups = groups
         self._needs_search = None if needs is None else _literal_search(needs)
         self.hold_chars = max_len + RIGHT_CONTEXT - 1
+        self.tail_chars = _longest(tail.pattern) if tail is not None else 0
 
     def may_match(self, text: str, start: int, end: int) -> bool:
         """Whether a match could lie in ``text[start:end]`` (False only if ``needs`` is absent there)."""
@@ -353,6 +354,14 @@ class PatternScanner(_PatternProgress):
             _collect(m, 0, text, base, self._next, frontier, t, spans)
         self._next = frontier
         return spans, frontier
+
+
+def _longest(pattern: str) -> int:
+    """The most characters ``pattern`` can match, by Python's parser (RE2's syntax here is a subset)."""
+    try:
+        return re._parser.parse(pattern.replace("\\z", "\\Z")).getwidth()[1]  # type: ignore[attr-defined]
+    except (re.error, OverflowError):
+        return 1 << 30
 
 
 class _PercentForNonAscii(dict):
@@ -454,6 +463,9 @@ class PatternGroup:
         self.tail = alternatives([m.tail for m in self.members])
         self.hold_chars = max(m.hold_chars for m in self.members)
         self.min_hold_chars = min(m.hold_chars for m in self.members)
+        # When no member's tail is live farther back than its own window, the merged tail's
+        # leftmost live position is every member's frontier's least: one search decides.
+        self.exact = all(m.tail_chars <= m.hold_chars for m in self.members if m.hold_chars < self.hold_chars)
         self._everyone = tuple(range(len(self.members)))
         self._needless = [i for i, m in enumerate(self.members) if m.needs is None]
         by_needs: dict[tuple[str, ...], list[int]] = {}
@@ -542,7 +554,7 @@ class PatternGroupScanner(_PatternProgress):
                 live = g.tail.search(piece)
                 if live is None:
                     frontier = t
-                elif start + live[0][0] >= t - g.min_hold_chars:
+                elif g.exact or start + live[0][0] >= t - g.min_hold_chars:
                     frontier = start + live[0][0]
                 else:
                     frontier = min(_frontier(m, text, base, position, t) for m in g.members)
