@@ -51,6 +51,7 @@ RIGHT_CONTEXT = 2
 # Original characters either side of a look-alike word that say which script surrounds it.
 SCRIPT_CONTEXT = 16
 BLOCK = 1024
+SEARCH_REACH = 2100  # the longest match whose beginning alone is no match (a JWT)
 # Below this many characters (a streamed chunk's worth), a group searches with
 # all its members once any needs string is there, rather than narrowing them
 # down one ``needs`` at a time first.
@@ -400,11 +401,14 @@ def _collect(
 ) -> None:
     """Append the matches of ``m`` that start from ``position`` to before ``frontier``."""
     reach = m.max_len + RIGHT_CONTEXT
+    # Where a match starts is found on a slice of at most SEARCH_REACH past the block: a
+    # longer match (a key block) is found by its beginning, and then matched in full.
+    search_reach = min(reach, SEARCH_REACH)
     while position < frontier:
         block_end = min(frontier, position + BLOCK)
         # One character before the slice, so "\\b" and "^" see what precedes it.
         lo = position - 1 if position > base else position
-        found = m.pattern.search(text[lo - base : min(t, block_end + reach) - base], position - lo)
+        found = m.pattern.search(text[lo - base : min(t, block_end + search_reach) - base], position - lo)
         if found is None:
             position = block_end
             continue

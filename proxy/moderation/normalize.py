@@ -75,6 +75,7 @@ MAX_MARKER_RUN = 3
 MAX_LEET_AMBIGUOUS_POSITIONS = 6
 
 MARKERS = frozenset("*_~")
+_MARKER = re.compile(r"[*_~]")  # a fixed character class, found in linear time
 # A code point that counts toward an invisible run (a fixed class, not a rule).
 _INVISIBLE_CHAR = regex.compile(r"[\p{Default_Ignorable_Code_Point}\p{M}]")
 
@@ -306,14 +307,31 @@ class Normalizer:
             self._marker_run = 0
             return
         kept: list[str] = []
-        for char, start, end in zip(folded, starts, ends):
-            if char in MARKERS and (self._folded_word or self._marker_run) and self._marker_run < MAX_MARKER_RUN:
-                self._marker_run += 1
-                continue
-            kept.append(char)
-            f.starts.append(start)
-            f.ends.append(end)
-            self._folded_word = is_word_char(char)
+        done = 0
+        for marker in _MARKER.finditer(folded):
+            at = marker.start()
+            if at > done:  # the characters since the last marker, in bulk
+                kept.append(folded[done:at])
+                f.starts.extend(starts[done:at])
+                f.ends.extend(ends[done:at])
+                last = folded[at - 1]
+                self._folded_word = last.isalnum() if last < "\x80" else is_word_char(last)
+                self._marker_run = 0
+            if (self._folded_word or self._marker_run) and self._marker_run < MAX_MARKER_RUN:
+                self._marker_run += 1  # inside or at the end of a word: dropped
+            else:
+                kept.append(folded[at])
+                f.starts.append(starts[at])
+                f.ends.append(ends[at])
+                self._folded_word = False
+                self._marker_run = 0
+            done = at + 1
+        if done < len(folded):
+            kept.append(folded[done:])
+            f.starts.extend(starts[done:])
+            f.ends.extend(ends[done:])
+            last = folded[-1]
+            self._folded_word = last.isalnum() if last < "\x80" else is_word_char(last)
             self._marker_run = 0
         f.text += "".join(kept)
 

@@ -36,6 +36,7 @@ What each finds:
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -180,6 +181,7 @@ _RU_EIGHT = re.compile(r"8 ?\([0-9]{3,5}\) ?[0-9 -]{5,10}")
 _SEPARATOR = re.compile(r"[ ().-]")
 
 
+@functools.lru_cache(maxsize=4096)
 def _valid_phone(text: str) -> bool:
     digits = len(_digits(text))
     if not 7 <= digits <= 15:
@@ -211,7 +213,7 @@ def _valid_phone(text: str) -> bool:
 def _phone_ok(match: str) -> int | None:
     """The longest prefix of the run (cut before a separator) that libphonenumber calls a number."""
     cut = len(match)
-    for _ in range(6):
+    for _ in range(4):
         candidate = match[:cut].rstrip(" ().-")
         if candidate.count("(") != candidate.count(")"):
             candidate = candidate.rstrip("(")
