@@ -110,10 +110,11 @@ def _latin_lookalikes() -> dict[str, str]:
         if len(found) == 1:
             lookalikes[char] = found.pop()
     # Latin small capitals read as their letter ("ᴀ" is "a"): Unicode names them so.
-    for code in range(0x1D00, 0x1D2C):
-        name = unicodedata.name(chr(code), "")
-        if name.startswith("LATIN LETTER SMALL CAPITAL ") and len(name) == 28:
-            lookalikes.setdefault(chr(code), name[-1].lower())
+    for low, high in ((0x0180, 0x02AF), (0x1D00, 0x1DBF), (0xA720, 0xA7FF)):
+        for code in range(low, high + 1):
+            name = unicodedata.name(chr(code), "")
+            if name.startswith("LATIN LETTER SMALL CAPITAL ") and len(name) == 28:
+                lookalikes.setdefault(chr(code), name[-1].lower())
     return lookalikes
 
 

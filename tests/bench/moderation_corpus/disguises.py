@@ -17,11 +17,11 @@ CJK_CASES = [  # (term, running text with the term in it)
 ]  # fmt: skip
 
 # Look-alikes drawn from Unicode's confusables for the letters the terms use.
-CYRILLIC = {"a": "а", "c": "с", "e": "е", "o": "о", "p": "р", "x": "х", "y": "у", "i": "і", "h": "һ", "n": "п"}
-GREEK = {"a": "α", "o": "ο", "i": "ι", "n": "ν", "p": "ρ", "t": "τ", "e": "ε"}
+# (Unicode lists no Cyrillic or Greek look-alike of "n": "п" and "ν" read as other letters.)
+CYRILLIC = {"a": "а", "c": "с", "e": "е", "o": "о", "p": "р", "x": "х", "y": "у", "i": "і", "h": "һ"}
+GREEK = {"a": "α", "o": "ο", "i": "ι", "p": "ρ", "t": "τ", "e": "ε"}
 ARMENIAN = {"o": "օ", "n": "ո", "h": "հ", "u": "ս"}
-SMALL_CAPS = {c: chr(0x1D00 + i) for i, c in enumerate("a") }  # ᴀ
-SMALL_CAPS.update({"c": "ᴄ", "o": "ᴏ", "p": "ᴘ", "t": "ᴛ", "e": "ᴇ", "r": "ʀ", "n": "ɴ", "i": "ɪ", "z": "ᴢ", "m": "ᴍ", "b": "ʙ", "h": "ʜ"})
+SMALL_CAPS = {"a": "ᴀ", "c": "ᴄ", "o": "ᴏ", "p": "ᴘ", "t": "ᴛ", "e": "ᴇ", "r": "ʀ", "n": "ɴ", "i": "ɪ", "z": "ᴢ", "m": "ᴍ", "b": "ʙ", "h": "ʜ"}
 CHEROKEE = {"a": "Ꭺ", "b": "Ᏼ", "c": "Ꮯ", "e": "Ꭼ", "h": "Ꮋ", "p": "Ꮲ", "t": "Ꭲ", "z": "Ꮓ", "m": "Ꮇ", "r": "Ꭱ"}
 ACCENTED = {"a": "ä", "e": "é", "i": "ï", "o": "ö", "u": "ü", "c": "ç", "n": "ñ"}
 INVISIBLES = ["\u200b", "\u200c", "\u00ad", "\u2060", "\ufeff", "\u206a", "\u206f", "\u180b", "\u180f",
