@@ -81,18 +81,14 @@ def test_grouped_detectors_release_the_same_text_at_the_same_time(text: str, siz
 def test_skipping_text_without_a_detectors_needs_changes_nothing(text: str, sizes: list[int], merge: bool) -> None:
     """Every match contains its detector's ``needs``, so skipping text without it loses none.
 
-    The needs are looked for in every range, however short (in use, only in
-    ranges of ``NEEDS_MIN_CHARS`` or more).
     """
     searched, skipping = _engine(merge=merge, needs=False).stream("output"), _engine(merge=merge).stream("output")
     position = 0
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(matchers, "NEEDS_MIN_CHARS", 0)
-        for size in sizes:
-            chunk, position = text[position : position + size], position + size
-            assert searched.feed(chunk) == skipping.feed(chunk)
-            assert searched.held_chars == skipping.held_chars
-        assert searched.finish(text[position:]) == skipping.finish(text[position:])
+    for size in sizes:
+        chunk, position = text[position : position + size], position + size
+        assert searched.feed(chunk) == skipping.feed(chunk)
+        assert searched.held_chars == skipping.held_chars
+    assert searched.finish(text[position:]) == skipping.finish(text[position:])
 
 
 def test_a_group_searches_only_the_detectors_whose_needs_are_in_the_text() -> None:
@@ -100,7 +96,6 @@ def test_a_group_searches_only_the_detectors_whose_needs_are_in_the_text() -> No
     entities = sorted(DETECTORS)
 
     def possible(text: str) -> list[str]:
-        text = text.ljust(matchers.NEEDS_MIN_CHARS, ".")
         return [entities[i] for i in group.possible_members(text, 0, len(text))]
 
     assert possible("the quick brown fox, twice over.") == []
@@ -110,10 +105,8 @@ def test_a_group_searches_only_the_detectors_whose_needs_are_in_the_text() -> No
     assert possible("bob@x, 3rd, eyj") == entities
     prose = "words, and more words. " * 5 + "3"
     assert group.possible_members(prose, 0, len(prose) - 1) == ()  # only the given range is read
-    # Prose without any need is skipped however short; a short range with one is searched by every
-    # member: narrowing them down one need at a time costs more there than the search.
-    assert group.possible_members(prose, 0, matchers.NEEDS_MIN_CHARS - 1) == ()
-    assert group.possible_members("at 3", 0, 4) == tuple(range(len(entities)))
+    # However short the range: a literal search costs a fraction of a call into RE2.
+    assert possible("at 3") == ["credit_card", "iban", "ipv4", "phone"]
 
 
 ASCII_PIECES = ["a", "B", " ", "  ", "\t", "\n", "\r\n", "\x0b", "\x1c", ".", "x y", "\x00", "~", "_", "**", "7"]

@@ -52,10 +52,6 @@ RIGHT_CONTEXT = 2
 SCRIPT_CONTEXT = 16
 BLOCK = 1024
 SEARCH_REACH = 2100  # the longest match whose beginning alone is no match (a JWT)
-# Below this many characters (a streamed chunk's worth), a group searches with
-# all its members once any needs string is there, rather than narrowing them
-# down one ``needs`` at a time first.
-NEEDS_MIN_CHARS = 64
 
 ViewKind = Literal["plain", "folded", "leet_plain", "leet_folded"]
 # A candidate: view start and end, and which member of the scanner's matcher found it.
@@ -500,8 +496,6 @@ class PatternGroup:
         """The members that could match in ``text[start:end]``, in order."""
         if self._any_need is not None and self._any_need.search(text, start, end) is None:
             return ()
-        if end - start < NEEDS_MIN_CHARS:
-            return self._everyone
         possible = list(self._needless)
         for needs, members in self._needs:
             if needs.search(text, start, end) is not None:
