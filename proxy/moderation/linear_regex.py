@@ -3,10 +3,10 @@
 Every moderation pattern (regex rules, PII detectors and their tails) is a
 ``LinearPattern``. google-re2's Python wrapper is general and costs about
 4 microseconds a call, more than a streamed chunk's whole moderation round;
-most calls here are on short ASCII slices, so those go straight to the
-compiled RE2 object underneath (bytes in, byte offsets out, which for ASCII
-are character offsets), about half a microsecond. Any other text, or a
-google-re2 without that object, takes the wrapper: the same answers
+most calls here are on short slices, so they go straight to the compiled
+RE2 object underneath (UTF-8 bytes in, byte offsets out, converted back to
+characters; for ASCII they are the same), about half a microsecond. A
+google-re2 without that object takes the wrapper: the same answers
 (``test_linear_regex_fast_path_agrees``).
 
 Results are span lists: ``spans[g]`` is group ``g``'s ``(start, end)`` in
@@ -62,10 +62,18 @@ class LinearPattern:
         return self._run(text, pos, anchored=True)
 
     def _run(self, text: str, pos: int, *, anchored: bool) -> Spans | None:
-        if self._raw is not None and text.isascii():
-            data = text.encode("ascii")
-            spans = self._raw.Match(_ANCHOR_START if anchored else _UNANCHORED, data, pos, len(data))
-            return None if spans[0] == _NULL else list(spans)
+        if self._raw is not None:
+            anchor = _ANCHOR_START if anchored else _UNANCHORED
+            if text.isascii():
+                data = text.encode("ascii")
+                spans = self._raw.Match(anchor, data, pos, len(data))
+                return None if spans[0] == _NULL else list(spans)
+            # UTF-8: byte offsets in and out, converted at the (few) boundaries that matter.
+            data = text.encode("utf-8")
+            spans = self._raw.Match(anchor, data, len(text[:pos].encode("utf-8")), len(data))
+            if spans[0] == _NULL:
+                return None
+            return [span if span == _NULL else (len(data[: span[0]].decode()), len(data[: span[1]].decode())) for span in spans]
         found = (self._wrapped.match if anchored else self._wrapped.search)(text, pos)
         if found is None:
             return None

@@ -50,7 +50,7 @@ LEFT_CONTEXT = 16
 RIGHT_CONTEXT = 2
 # Original characters either side of a look-alike word that say which script surrounds it.
 SCRIPT_CONTEXT = 16
-BLOCK = 1024
+BLOCK = 256
 SEARCH_REACH = 2100  # the longest match whose beginning alone is no match (a JWT)
 
 ViewKind = Literal["plain", "folded", "leet_plain", "leet_folded"]

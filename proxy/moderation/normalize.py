@@ -417,24 +417,26 @@ class Normalizer:
         if not text:
             return
         lower = text.lower()
-        kept: list[int] = []
+        kept: list[tuple[int, int]] = []  # ranges of ``text`` that stay
         cursor = 0
         for run in _WHITESPACE_RUN.finditer(text):
             first, stop = run.span()
             # The first whitespace character of a run stays; then one in every
             # MAX_WHITESPACE_RUN + 1, as one by one (see ``_whitespace``).
-            kept.extend(range(cursor, first + 1))
-            kept.extend(range(first + 1 + MAX_WHITESPACE_RUN, stop, MAX_WHITESPACE_RUN + 1))
+            kept.append((cursor, first + 1))
+            kept.extend((i, i + 1) for i in range(first + 1 + MAX_WHITESPACE_RUN, stop, MAX_WHITESPACE_RUN + 1))
             cursor = stop
-        kept.extend(range(cursor, len(text)))
-        view = "".join(lower[i] for i in kept)
+        if cursor < len(text):
+            kept.append((cursor, len(text)))
+        view = "".join(lower[a:b] for a, b in kept)
         pieces = self._pieces
         pieces[0].append(view)
         pieces[1].append(view.translate(_ASCII_WHITESPACE_TO_SPACE))
-        pieces[2].extend(start + i for i in kept)
-        pieces[3].extend(start + i + 1 for i in kept)
+        for a, b in kept:
+            pieces[2].extend(range(start + a, start + b))
+            pieces[3].extend(range(start + a + 1, start + b + 1))
         self._after_space = text[-1].isspace()
-        self._ws_run = len(text) - 1 - kept[-1]
+        self._ws_run = len(text) - kept[-1][1]
 
 
 def _joins(segment: str, char: str) -> bool:
