@@ -37,6 +37,7 @@ one match, never the whole buffer: the cost stays linear in the text.
 
 from __future__ import annotations
 
+import codecs
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
@@ -361,12 +362,8 @@ def _longest(pattern: str) -> int:
         return 1 << 30
 
 
-class _PercentForNonAscii(dict):
-    def __missing__(self, code: int) -> int:
-        return 0x25 if code > 0x7F else code
-
-
-_NON_ASCII_TO_PERCENT = _PercentForNonAscii()
+# An encoding error handler: each run of non-ASCII characters becomes as many "%".
+codecs.register_error("sluice-percent", lambda exc: ("%" * (exc.end - exc.start), exc.end))
 
 
 def ascii_shadow(piece: str) -> str:
@@ -377,7 +374,7 @@ def ascii_shadow(piece: str) -> str:
     and no other tail reads "%" at all; so a quiet answer computed on the
     shadow is the tail's answer on the text.
     """
-    return piece if piece.isascii() else piece.translate(_NON_ASCII_TO_PERCENT)
+    return piece if piece.isascii() else piece.encode("ascii", "sluice-percent").decode("ascii")
 
 
 def _frontier(m: PatternMatcher, text: str, base: int, start: int, t: int) -> int:
