@@ -336,3 +336,23 @@ def test_markers_and_invisibles_between_the_letters_of_a_term_never_hide_it(mark
     word = "a" + markers[0] + "b" + invisible + "c" + markers[1] + "d" + markers[2].replace("*", "")
     result = SCRIPTS_BLOCK.moderate(f"say {word} now", "output")
     assert result.blocked is not None, word
+
+
+def test_check_config_names_a_regex_rule_re2_cannot_run(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "sluice.yaml"
+    config.write_text(
+        "upstreams: [{name: main, base_url: 'http://127.0.0.1:9/v1', models: ['*']}]\n"
+        "teams: [{name: t, models: ['*']}]\n"
+        "accounting: {store: memory}\n"
+        "moderation:\n  rules:\n"
+        "    - {name: ticket-lookbehind, type: regex, pattern: '(?<=ticket )[0-9]{4}', max_match_chars: 4}\n",
+        encoding="utf-8",
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", str(config)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 1
+    assert "rule 'ticket-lookbehind'" in done.stdout + done.stderr and "RE2" in done.stdout + done.stderr
