@@ -288,7 +288,7 @@ PIECES = [
     "a", "b", "c", "d", "o", "p", " ", "  ", "\n", "abcd", "cop", "秘密", "他说", "是", "の",
     "ä", "a\u0308", "\u0301", "\u0336" * 5, "*", "**", "_", "~~", "\u200b", "\u2060" * 40, "\u180b", "\U000e0041",
     "\u0430", "\u043e", "\u0441\u043e\u0440", "\u0440", "\u03bf", "\u1d04", "В углу ", "ß", "h4", "7",
-    "bob@x.io", "+86 138 0013 8000", "-----BEGIN RSA PRIVATE KEY-----\nabc\n-----END RSA PRIVATE KEY-----",
+    "bob@x.io", "+86 138 0013 8000", "-----BEGIN RSA PRIVATE KEY-----\nabc\n-----END RSA PRIVATE KEY-----", "\ud800",
 ]  # fmt: skip
 texts = st.lists(st.sampled_from(PIECES), max_size=25).map("".join)
 

@@ -15,6 +15,8 @@ characters, ``(-1, -1)`` when it took no part.
 
 from __future__ import annotations
 
+import codecs
+
 import re2
 
 Spans = list[tuple[int, int]]
@@ -22,6 +24,7 @@ Spans = list[tuple[int, int]]
 _UNANCHORED = getattr(getattr(re2, "_Anchor", None), "UNANCHORED", None)
 _ANCHOR_START = getattr(getattr(re2, "_Anchor", None), "ANCHOR_START", None)
 _NULL = (-1, -1)
+codecs.register_error("sluice-fffd", lambda exc: (b"\xef\xbf\xbd" * (exc.end - exc.start), exc.end))
 
 
 def options(*, case_sensitive: bool = True, dot_nl: bool = False) -> re2.Options:
@@ -69,11 +72,14 @@ class LinearPattern:
                 spans = self._raw.Match(anchor, data, pos, len(data))
                 return None if spans[0] == _NULL else list(spans)
             # UTF-8: byte offsets in and out, converted at the (few) boundaries that matter.
-            data = text.encode("utf-8")
-            spans = self._raw.Match(anchor, data, len(text[:pos].encode("utf-8")), len(data))
+            # A lone surrogate (JSON can carry one) reads as U+FFFD, one character for one.
+            data = text.encode("utf-8", "sluice-fffd")
+            spans = self._raw.Match(anchor, data, len(text[:pos].encode("utf-8", "sluice-fffd")), len(data))
             if spans[0] == _NULL:
                 return None
             return [span if span == _NULL else (len(data[: span[0]].decode()), len(data[: span[1]].decode())) for span in spans]
+        if not text.isascii():
+            text = text.encode("utf-8", "sluice-fffd").decode("utf-8")
         found = (self._wrapped.match if anchored else self._wrapped.search)(text, pos)
         if found is None:
             return None
