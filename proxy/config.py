@@ -13,6 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
+import re2
 import yaml
 from pydantic import (
     BaseModel,
@@ -180,10 +181,16 @@ class RuleConfig(_Strict):
                 raise ValueError("a regex rule needs `pattern`")
             if self.max_match_chars is None:
                 raise ValueError("a regex rule needs `max_match_chars` (it bounds the text held back)")
+            options = re2.Options()
+            options.log_errors = False
             try:
-                re.compile(self.pattern)
-            except re.error as exc:
-                raise ValueError(f"`pattern` is not a valid regular expression: {exc}") from None
+                re2.compile(self.pattern, options)
+            except re2.error as exc:
+                reason = exc.args[0].decode(errors="replace") if exc.args and isinstance(exc.args[0], bytes) else exc
+                raise ValueError(
+                    f"rule {self.name!r}: `pattern` is not a regular expression RE2 can run ({reason}); "
+                    "patterns run in a linear-time engine, without lookarounds or backreferences"
+                ) from None
         if self.type == "pii" and self.entity is None:
             raise ValueError("a pii rule needs `entity`")
         return self

@@ -142,7 +142,9 @@ def test_flags_and_blocks_never_change_text_only_cut_it(case: tuple[str, list[st
 
 # -- oracles on plain ASCII -------------------------------------------------------
 
-ASCII = st.text(alphabet="abAB. _-\n", max_size=40)
+# Markdown markers ("_", "*", "~") join the letters around them in the folded view;
+# ``test_moderation_scripts`` checks them with an oracle of their own.
+ASCII = st.text(alphabet="abAB. -\n", max_size=40)
 ORACLE_TERMS = ["ab", "bab", "b a", "aa"]
 # Leftmost-longest, case-insensitive, a phrase across up to 17 whitespace characters (the cap).
 _ALTERNATIVES = "|".join(re.escape(t).replace(r"\ ", r"\s{1,17}") for t in sorted(ORACLE_TERMS, key=len, reverse=True))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from proxy.config import ModerationConfig, RuleConfig
 from proxy.moderation import ModerationEngine, matchers, pii
-from proxy.moderation.matchers import PatternGroup
+from proxy.moderation.matchers import PatternGroup, ascii_shadow
 from proxy.moderation.normalize import Normalizer
 from proxy.moderation.pii import DETECTORS, pii_matcher
 
@@ -38,7 +38,7 @@ def test_pii_tails_are_prefix_closed(entity: str, text: str, data: st.DataObject
     tail = pii_matcher(entity).tail
     assert tail is not None
     start = data.draw(st.integers(0, len(text)))
-    dead = [end for end in range(start, len(text) + 1) if tail.match(text, start, end) is None]
+    dead = [end for end in range(start, len(text) + 1) if tail.match(text[start:end]) is None]
     if dead:
         assert dead == list(range(dead[0], len(text) + 1))
 
@@ -81,18 +81,14 @@ def test_grouped_detectors_release_the_same_text_at_the_same_time(text: str, siz
 def test_skipping_text_without_a_detectors_needs_changes_nothing(text: str, sizes: list[int], merge: bool) -> None:
     """Every match contains its detector's ``needs``, so skipping text without it loses none.
 
-    The needs are looked for in every range, however short (in use, only in
-    ranges of ``NEEDS_MIN_CHARS`` or more).
     """
     searched, skipping = _engine(merge=merge, needs=False).stream("output"), _engine(merge=merge).stream("output")
     position = 0
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setattr(matchers, "NEEDS_MIN_CHARS", 0)
-        for size in sizes:
-            chunk, position = text[position : position + size], position + size
-            assert searched.feed(chunk) == skipping.feed(chunk)
-            assert searched.held_chars == skipping.held_chars
-        assert searched.finish(text[position:]) == skipping.finish(text[position:])
+    for size in sizes:
+        chunk, position = text[position : position + size], position + size
+        assert searched.feed(chunk) == skipping.feed(chunk)
+        assert searched.held_chars == skipping.held_chars
+    assert searched.finish(text[position:]) == skipping.finish(text[position:])
 
 
 def test_a_group_searches_only_the_detectors_whose_needs_are_in_the_text() -> None:
@@ -100,7 +96,6 @@ def test_a_group_searches_only_the_detectors_whose_needs_are_in_the_text() -> No
     entities = sorted(DETECTORS)
 
     def possible(text: str) -> list[str]:
-        text = text.ljust(matchers.NEEDS_MIN_CHARS, ".")
         return [entities[i] for i in group.possible_members(text, 0, len(text))]
 
     assert possible("the quick brown fox, twice over.") == []
@@ -110,13 +105,11 @@ def test_a_group_searches_only_the_detectors_whose_needs_are_in_the_text() -> No
     assert possible("bob@x, 3rd, eyj") == entities
     prose = "words, and more words. " * 5 + "3"
     assert group.possible_members(prose, 0, len(prose) - 1) == ()  # only the given range is read
-    # Prose without any need is skipped however short; a short range with one is searched by every
-    # member: narrowing them down one need at a time costs more there than the search.
-    assert group.possible_members(prose, 0, matchers.NEEDS_MIN_CHARS - 1) == ()
-    assert group.possible_members("at 3", 0, 4) == tuple(range(len(entities)))
+    # However short the range: a literal search costs a fraction of a call into RE2.
+    assert possible("at 3") == ["credit_card", "iban", "ipv4", "phone"]
 
 
-ASCII_PIECES = ["a", "B", " ", "  ", "\t", "\n", "\r\n", "\x0b", "\x1c", ".", "x y", "\x00", "~"]
+ASCII_PIECES = ["a", "B", " ", "  ", "\t", "\n", "\r\n", "\x0b", "\x1c", ".", "x y", "\x00", "~", "_", "**", "7"]
 
 
 @SETTINGS
@@ -132,5 +125,50 @@ def test_ascii_chunks_build_the_views_the_general_way_does(text: str, sizes: lis
         position += size
     for normalizer in (fast, general):
         normalizer.close()
-    for field in ("plain", "folded", "starts", "ends", "orig", "_run", "_after_space"):
+    for view in ("plain", "folded"):
+        for field in ("text", "starts", "ends", "base"):
+            assert getattr(getattr(fast, view), field) == getattr(getattr(general, view), field), (view, field)
+    for field in ("orig", "_ws_run", "_after_space", "_marker_run", "_folded_word"):
         assert getattr(fast, field) == getattr(general, field), field
+
+
+QUIET_PIECES = ["中", "é", "a", "s", "k", "x", "o", "gi", "th", "-", "--", "(", "+", ".", " ", "'", "%", "ey", "xo", "ak", "gl", "hf", "ai", "sk", "_", "1", "@"]
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from(QUIET_PIECES), max_size=30).map("".join), st.data())
+@pytest.mark.parametrize("entity", sorted(DETECTORS))
+def test_quiet_frontiers_equal_the_tails(entity: str, text: str, data: st.DataObject) -> None:
+    """On text without the detector's needs, the Python answer (on the ASCII shadow) is the tail's own."""
+    matcher = pii_matcher(entity)
+    start = data.draw(st.integers(0, len(text)))
+    if matcher.may_match(text, start, len(text)):
+        return  # not quiet: the tail itself is asked
+    live = matcher.tail.search(text[start:])
+    expected = len(text) if live is None else start + live[0][0]
+    assert matcher.quiet(ascii_shadow(text[start:]), start, start, len(text)) == expected
+
+
+LINEAR_PIECES = ["a", "Z", "0", "7", " ", "@", ".", "-", "_", "é", "中", "\n", "bob@x.io", "4111 1111 1111 1111", "sk-"]
+
+
+@SETTINGS
+@given(st.lists(st.sampled_from(LINEAR_PIECES), max_size=20).map("".join), st.data())
+@pytest.mark.parametrize("entity", sorted(DETECTORS))
+def test_linear_regex_fast_path_agrees(entity: str, text: str, data: st.DataObject) -> None:
+    """The direct call into RE2 on ASCII gives what google-re2's own wrapper gives."""
+    pattern = pii_matcher(entity).pattern
+    pos = data.draw(st.integers(0, len(text)))
+    for run in (pattern.search, pattern.match):
+        fast = run(text, pos)
+        wrapped = (pattern._wrapped.search if run == pattern.search else pattern._wrapped.match)(text, pos)
+        assert fast == (None if wrapped is None else [wrapped.span(g) for g in range(pattern.groups + 1)])
+
+
+def test_the_detectors_tails_fit_their_windows() -> None:
+    """What lets the group decide with one merged tail search (``PatternGroup.exact``)."""
+    for entity in DETECTORS:
+        matcher = pii_matcher(entity)
+        assert entity == "secret" or matcher.tail_chars <= matcher.hold_chars, entity
+    group = next(m for _, m in _engine(merge=True)._plans["output"].scans if isinstance(m, PatternGroup))
+    assert group.exact

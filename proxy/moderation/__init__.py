@@ -6,11 +6,15 @@ compiled, no clock): ``ModerationEngine.from_config`` compiles the rules once;
 ``engine.stream(direction)`` gives a window whose ``feed``/``finish`` return
 the text that is safe to release. Modules, in the order text flows:
 
+* ``unidata``: Unicode's scripts, confusables (UTS #39) and default-ignorables,
+  from maintained packages that ship them.
 * ``normalize``: the normalised views rules match on, and the map back to the
   original characters.
+* ``linear_regex``: patterns in RE2, a linear-time engine.
 * ``matchers``: finding each rule's matches incrementally (Aho-Corasick for
-  terms, bounded regular expressions for regex and PII).
-* ``pii``: the PII detectors.
+  terms, judged by script where look-alikes made the match; RE2 patterns with
+  bounded matches for regex and PII).
+* ``pii``: the PII detectors (libphonenumber for phones).
 * ``rules``: compiling the config.
 * ``window``: which matches act, and what a stream may release.
 * ``engine``: the public entry point.

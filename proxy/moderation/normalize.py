@@ -1,124 +1,90 @@
-"""The normalised view that rules match on, built incrementally, with a map back.
+"""The normalised views that rules match on, built incrementally, each with a map back.
 
-Rules must not be dodged by text that *looks* the same but is spelt with other
-code points, so matching happens on a normalised view of the text. Redaction
-must still remove exactly what the reader would have seen, so every view
-character remembers which original characters it came from.
+Rules must not be dodged by text that a reader still reads as the word but
+that is spelt with other code points, so matching happens on normalised views
+of the text. Redaction must still remove exactly what the reader would have
+seen, so every view character remembers which original characters it came
+from (``Track.starts``/``Track.ends``).
 
-How the view is made, one *segment* at a time (a starter and the combining
-marks or composing characters that follow it, so NFKC never has to look across
-a segment boundary):
+Two views, made one *segment* at a time (a starter and the combining marks or
+composing characters that follow it, so NFKC never has to look across a
+segment boundary):
 
-* Unicode NFKC (fullwidth and mathematical letters, ligatures, NBSP...).
-* Case folding, then letters that look like Latin ones (Cyrillic, Greek, a
-  few Latin variants) are folded to them in the ``folded`` view; the
-  ``plain`` view keeps them.
-* Invisible characters are dropped: zero-width characters, soft hyphens, bidi
-  controls, variation selectors, tag characters, the generic combining
-  diacritics that NFKC could not compose (the "Zalgo" marks), and every
-  whitespace character after the first of a run (so ``"a \\n\\t b"`` is
-  ``"a b"``). The first whitespace character of a run stays: as itself in
-  ``plain`` and as ``" "`` in ``folded``.
+* ``plain`` (regex and PII rules): NFKC (fullwidth and mathematical letters,
+  ligatures, NBSP...), lower case (``str.casefold``, but "ß" stays "ß" so
+  German words are not rewritten), every Default_Ignorable_Code_Point dropped
+  (zero-width characters, soft hyphens, bidi controls, variation selectors,
+  Mongolian and shorthand format controls, tag characters...), the combining
+  marks of scripts whose marks are diacritics dropped where NFKC left them
+  apart ("Zalgo" marks), and every whitespace character after the first of
+  a run skipped (so ``"a \\n\\t b"`` is ``"a b"``).
+* ``folded`` (terms rules): the plain view with, per character, diacritics
+  removed ("é", "ü", "ñ" read as "e", "u", "n"; only in scripts whose marks
+  are diacritics, so Japanese voicing marks stay), letters that Unicode's
+  confusables table (UTS #39) lists as look-alikes of an ASCII letter folded
+  to it ("а" Cyrillic, "ο" Greek, "օ" Armenian, "Ꭺ" Cherokee, "ᴀ" small
+  capital), whitespace as " ", and markdown emphasis markers (``* _ ~``) that
+  follow a letter or digit dropped, at most ``MAX_MARKER_RUN`` in a row (so
+  ``a**bc**d`` is ``abcd`` and ``snake_case`` one word). Whether a
+  look-alike was a disguise or just the other script's own word is for the
+  terms matcher to judge (``matchers.TermsScanner``); the view folds them all.
 
-Both views have the same length and share one offset map: view character ``i``
-came from the original characters ``starts[i]:ends[i]`` (its whole segment).
-A match on view ``[a, b)`` therefore covers original ``[starts[a], ends[b-1])``,
-with any invisible characters between its first and last letter.
+Every plain character becomes one folded character or, for a dropped marker,
+none; so the folded view has its own map.
 
-Two caps keep the moderation window bounded however hostile the text is:
+Bounds, and why no run of invisible characters can open a gap:
 
 * ``MAX_SEGMENT_CODEPOINTS``: a segment stops growing after 8 code points; a
-  further combining mark starts a segment of its own. Real orthographies need
-  far fewer; only "Zalgo" text is cut.
-* ``MAX_INVISIBLE_RUN``: at most 16 invisible code points (outside a segment
-  that has a visible letter) are skipped in a row; the next invisible segment
-  is kept in the view as itself, where it is not a letter and so ends any
-  match. A match can therefore stretch over at most 16 invisible characters
-  between two of its letters, and a multi-word term over a run of at most 17
-  whitespace characters.
+  further combining mark starts a segment of its own (and is dropped like
+  any mark, so a letter under 100 Zalgo marks is still the letter).
+* ``MAX_INVISIBLE_RUN``: between two visible characters the text keeps at
+  most 32 invisible code points (default-ignorables and combining marks);
+  the rest of a longer run is removed from the text itself, before anything
+  else looks at it, and so from what the window releases. A reader sees the
+  same text (those characters render as nothing), and every run, however
+  long, is skipped by the views: a term matches across it. This is what
+  keeps the window bounded: a match's original text is at most
+  ``original_chars_bound`` of its view length.
+* ``MAX_WHITESPACE_RUN``: whitespace after the first of a run is skipped up
+  to 16 characters; the next one is kept, so a multi-word term does not span
+  a run longer than 17 whitespace characters (spaced-out text is a
+  documented miss).
 
-The view is made left to right and a closed segment never changes, so the view
-of a text does not depend on how the text was split into chunks: only the last
-(open) segment is provisional until the next character or the end arrives.
+The views are made left to right and a closed segment never changes, so they
+do not depend on how the text was split into chunks: only the last (open)
+segment is provisional until the next character or the end arrives.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 import unicodedata
 
+import regex
+
+from .unidata import DIACRITIC_SCRIPTS, default_ignorables, is_no_space_char, latin_lookalike, script_of
+
 MAX_SEGMENT_CODEPOINTS = 8
-MAX_INVISIBLE_RUN = 16
+MAX_INVISIBLE_RUN = 32
+MAX_WHITESPACE_RUN = 16
+MAX_MARKER_RUN = 3
 
 # Positions of a leetspeak term that may be written "1" (see ``leet_variants``).
 MAX_LEET_AMBIGUOUS_POSITIONS = 6
 
-_INVISIBLE = frozenset(
-    "\u00ad"  # soft hyphen
-    "\u034f"  # combining grapheme joiner
-    "\u061c"  # Arabic letter mark
-    "\u115f\u1160\u3164\uffa0"  # Hangul fillers
-    "\u17b4\u17b5"  # Khmer inherent vowels
-    "\u180e"  # Mongolian vowel separator
-    "\u200b\u200c\u200d\u200e\u200f"  # zero-width space, non-joiner, joiner; LRM, RLM
-    "\u202a\u202b\u202c\u202d\u202e"  # bidi embeddings and overrides
-    "\u2060\u2061\u2062\u2063\u2064"  # word joiner, invisible operators
-    "\u2066\u2067\u2068\u2069"  # bidi isolates
-    "\ufeff"  # zero-width no-break space (BOM)
-)
-
-# Generic combining diacritics: the marks "Zalgo" text piles onto letters. Marks
-# of particular scripts (Indic viramas, Arabic harakat...) are part of their
-# words and stay in the view.
-_DIACRITIC_RANGES = (
-    ("\u0300", "\u036f"),
-    ("\u1ab0", "\u1aff"),
-    ("\u1dc0", "\u1dff"),
-    ("\u20d0", "\u20ff"),
-    ("\ufe20", "\ufe2f"),
-)
+MARKERS = frozenset("*_~")
+_MARKER = re.compile(r"[*_~]")  # a fixed character class, found in linear time
+# A code point that counts toward an invisible run (a fixed class, not a rule).
+_INVISIBLE_CHAR = regex.compile(r"[\p{Default_Ignorable_Code_Point}\p{M}]")
 
 _ASCII_RUN = re.compile(r"[\x00-\x7f]+")
 # ``\s`` is ``str.isspace``: for ASCII that is \t\n\v\f\r, \x1c-\x1f and the space.
 _WHITESPACE_RUN = re.compile(r"\s{2,}")
 _ASCII_WHITESPACE = "".join(c for c in map(chr, range(128)) if c.isspace())
 _ASCII_WHITESPACE_TO_SPACE = str.maketrans({c: " " for c in _ASCII_WHITESPACE})
-# Two whitespace characters in a row, in ASCII text (where ``\s`` is exactly these).
 _ASCII_WHITESPACE_PAIR = re.compile(r"[\t\n\v\f\r\x1c-\x1f ]{2}")
-
-
-def _is_invisible(char: str) -> bool:
-    """True for a code point that renders as nothing (or as part of its neighbour)."""
-    if char in _INVISIBLE:
-        return True
-    if "\ufe00" <= char <= "\ufe0f" or "\U000e0000" <= char <= "\U000e0fff":
-        return True  # variation selectors; tag characters ("ASCII smuggling")
-    return any(low <= char <= high for low, high in _DIACRITIC_RANGES)
-
-
-# Look-alike letters folded to Latin in the ``folded`` view, after case folding
-# (so a capital and its small letter always fold alike, and non-Latin terms
-# still match in any case). Where the capital and the small letter resemble
-# different Latin letters, the capital wins (Greek eta is "h", as "H").
-# Each key is one case-folded code point and each value one ASCII letter, so
-# both views keep the same length.
-HOMOGLYPHS: dict[str, str] = {
-    # Cyrillic
-    "\u0430": "a", "\u0432": "b", "\u0433": "r", "\u0435": "e", "\u043a": "k", "\u043c": "m",
-    "\u043d": "h", "\u043e": "o", "\u043f": "n", "\u0440": "p", "\u0441": "c", "\u0442": "t",
-    "\u0443": "y", "\u0445": "x", "\u044c": "b", "\u0455": "s", "\u0456": "i", "\u0458": "j",
-    "\u0475": "v", "\u04af": "y", "\u04bb": "h", "\u04cf": "l", "\u0501": "d", "\u051b": "q",
-    "\u051d": "w",
-    # Greek
-    "\u03b1": "a", "\u03b2": "b", "\u03b5": "e", "\u03b6": "z", "\u03b7": "h", "\u03b9": "i",
-    "\u03ba": "k", "\u03bc": "m", "\u03bd": "n", "\u03bf": "o", "\u03c1": "p", "\u03c4": "t",
-    "\u03c5": "y", "\u03c7": "x", "\u03c9": "w", "\u03f2": "c", "\u03f3": "j",
-    # Latin look-alikes (dotless i and j, script a and g, small capitals)
-    "\u0131": "i", "\u0237": "j", "\u0251": "a", "\u0261": "g", "\u026a": "i", "\u0274": "n",
-    "\u0280": "r", "\u028f": "y", "\u1d00": "a", "\u1d04": "c", "\u1d05": "d", "\u1d07": "e",
-    "\u1d0b": "k", "\u1d0d": "m", "\u1d0f": "o", "\u1d18": "p", "\u1d1b": "t", "\u1d1c": "u",
-}  # fmt: skip
 
 # Leetspeak, for rules that ask for it. "1" stays "1" in the view because it
 # stands for two letters ("i" and "l"); ``leet_variants`` spells terms both ways.
@@ -126,65 +92,130 @@ LEET = str.maketrans({"0": "o", "3": "e", "4": "a", "5": "s", "7": "t", "@": "a"
 _LEET_ONE = {"i": "i1", "l": "l1", "1": "1il"}
 
 
+@functools.cache
+def _is_word_char_slow(char: str) -> bool:
+    if is_no_space_char(char):
+        return False  # CJK, Thai...: each character stands as a word of its own
+    return char.isalnum() or unicodedata.category(char)[0] == "M"
+
+
 def is_word_char(char: str) -> bool:
-    """Letters, digits and the marks that belong to them make words; the rest separates them."""
+    """Letters, digits and their marks make words; the rest separates them, and so does every CJK character."""
     if char < "\x80":
         return char.isalnum()
-    return char.isalnum() or unicodedata.category(char)[0] == "M"
+    return _is_word_char_slow(char)
 
 
 def original_chars_bound(view_chars: int) -> int:
     """How many original characters can stand behind ``view_chars`` view characters, plus the open segment.
 
     Each view character comes from a segment of at most ``MAX_SEGMENT_CODEPOINTS``
-    and is followed by at most ``MAX_INVISIBLE_RUN`` skipped ones; the last,
-    still open, segment is held back too.
+    and is followed by at most ``MAX_WHITESPACE_RUN`` skipped whitespace
+    characters, ``MAX_INVISIBLE_RUN`` kept invisible ones and (folded view)
+    ``MAX_MARKER_RUN`` dropped markers; the last, still open, segment is held
+    back too.
     """
-    return view_chars * (MAX_SEGMENT_CODEPOINTS + MAX_INVISIBLE_RUN) + MAX_SEGMENT_CODEPOINTS
+    per_char = MAX_SEGMENT_CODEPOINTS + MAX_WHITESPACE_RUN + MAX_INVISIBLE_RUN + MAX_MARKER_RUN
+    return view_chars * per_char + MAX_SEGMENT_CODEPOINTS
+
+
+class Track:
+    """One view: its text from absolute position ``base`` on, and each character's original span."""
+
+    __slots__ = ("base", "ends", "starts", "text")
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.base = 0
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.text)
+
+    def discard(self, before: int) -> None:
+        """Forget characters before ``before``, once that is at least half of what is kept (amortised O(1))."""
+        dead = before - self.base
+        if dead > 0 and dead >= len(self.text) - dead:
+            self.text = self.text[dead:]
+            del self.starts[:dead]
+            del self.ends[:dead]
+            self.base = before
+
+
+@functools.cache
+def _fold_char(char: str) -> tuple[str, str]:
+    """One visible NFKC code point as (plain, folded) text of equal length."""
+    if char in "ßẞ":
+        plain = "ß"
+    else:
+        plain = char.casefold()
+        if len(plain) > 1:  # "İ" folds to "i" plus a dot: keep the letter
+            plain = "".join(c for c in plain if not unicodedata.combining(c)) or plain
+    folded = []
+    for lower in plain:
+        # The small letter's look-alike first, so a capital and its small letter fold
+        # alike (a Greek term matches in capitals); the capital's only if it has none.
+        base = _strip_diacritics(lower)
+        upper = base.upper()
+        folded.append(latin_lookalike(base) or (len(upper) == 1 and latin_lookalike(upper)) or base)
+    return plain, "".join(folded)
+
+
+def _strip_diacritics(char: str) -> str:
+    decomposed = unicodedata.normalize("NFD", char)
+    if (
+        len(decomposed) > 1
+        and all(unicodedata.combining(c) for c in decomposed[1:])
+        and script_of(decomposed[0]) in DIACRITIC_SCRIPTS
+    ):
+        return decomposed[0]
+    return char
 
 
 class Normalizer:
     """Builds the views of one text as it arrives; the caller trims what it no longer needs.
 
-    Positions are absolute: ``orig`` holds the original text from ``orig_base``
-    on, ``plain``/``folded``/``starts``/``ends`` hold view characters from
-    ``view_base`` on. Only closed segments are in the views; the open one
-    waits in ``_open`` until a character that cannot join it (or ``close()``).
+    ``orig`` holds the text (after ``MAX_INVISIBLE_RUN``) from ``orig_base`` on.
+    Only closed segments are in the views; the open one waits in ``_open``
+    until a character that cannot join it (or ``close()``).
     """
 
     def __init__(self) -> None:
         self.orig = ""
         self.orig_base = 0
-        self.plain = ""
-        self.folded = ""
-        self.view_base = 0
-        self.starts: list[int] = []
-        self.ends: list[int] = []
+        self.plain = Track()
+        self.folded = Track()
         self._open = ""
         self._open_start = 0
-        self._run = 0  # invisible code points skipped since the last visible segment
-        self._after_space = False  # the last view character is whitespace
-
-    @property
-    def view_end(self) -> int:
-        return self.view_base + len(self.plain)
+        self._ws_run = 0  # whitespace characters skipped since the last view character
+        self._after_space = False  # the last plain character is whitespace
+        self._invisible_run = 0  # invisible code points kept since the last visible one
+        self._marker_run = 0  # markers dropped from ``folded`` in a row
+        self._folded_word = False  # the last folded character is a letter or digit
+        self._pieces: tuple[list[str], list[str], list[int], list[int]] | None = None
 
     @property
     def orig_end(self) -> int:
         return self.orig_base + len(self.orig)
 
-    def orig_pos(self, view_pos: int) -> int:
-        """Where in the original text a match starting at ``view_pos`` would start."""
-        if view_pos < self.view_end:
-            return self.starts[view_pos - self.view_base]
+    @property
+    def pending_start(self) -> int:
+        """Where the text not yet in the views (the open segment) starts."""
         return self._open_start if self._open else self.orig_end
 
     def orig_text(self, start: int, end: int) -> str:
         return self.orig[start - self.orig_base : end - self.orig_base]
 
     def push(self, text: str) -> None:
-        """Append original text; every segment that can no longer grow enters the views."""
-        position = self.orig_end
+        """Append text; every segment that can no longer grow enters the views."""
+        if text.isascii():
+            if self._invisible_run and text and not text.isspace():
+                self._invisible_run = 0
+        else:
+            text = self._drop_long_invisible_runs(text)
+        position = self.orig_base + len(self.orig)
         self.orig += text
         segment, segment_start = self._open, self._open_start
         if text.isascii() and len(segment) <= 1 and segment < "\x80":
@@ -194,8 +225,8 @@ class Normalizer:
                 self._push_ascii(segment + text[:-1], position - len(segment))
                 self._open, self._open_start = text[-1], position + len(text) - 1
             return
-        plain: list[str] = []
-        folded: list[str] = []
+        pieces: tuple[list[str], list[str], list[int], list[int]] = ([], [], [], [])
+        self._pieces = pieces
         i = 0
         while i < len(text):
             char = text[i]
@@ -204,84 +235,152 @@ class Normalizer:
                 i += 1
                 continue
             if segment:
-                self._close_segment(segment, segment_start, plain, folded)
+                self._close_segment(segment, segment_start)
             if char < "\x80":
                 # An ASCII run is one segment per character: do all but its last at once
                 # (the last may still be joined by a combining mark).
                 run_end = _ASCII_RUN.match(text, i).end() - 1
                 if run_end > i:
-                    self._close_ascii(text[i:run_end], position + i, plain, folded)
+                    self._close_ascii(text[i:run_end], position + i)
                     i = run_end
                     char = text[i]
             segment, segment_start = char, position + i
             i += 1
         self._open, self._open_start = segment, segment_start
-        self.plain += "".join(plain)
-        self.folded += "".join(folded)
+        self._flush()
 
     def close(self) -> None:
         """The text has ended: the open segment is final."""
         if self._open:
-            plain: list[str] = []
-            folded: list[str] = []
-            self._close_segment(self._open, self._open_start, plain, folded)
-            self.plain += "".join(plain)
-            self.folded += "".join(folded)
+            self._pieces = ([], [], [], [])
+            self._close_segment(self._open, self._open_start)
+            self._flush()
             self._open = ""
             self._open_start = self.orig_end
 
-    def discard(self, view_before: int, orig_before: int) -> None:
-        """Forget view characters before ``view_before`` and original text before ``orig_before``.
-
-        Trimming copies what is kept, so it only happens once the dead part is
-        at least as long as the live one: amortised O(1) per character.
-        """
-        dead_view = view_before - self.view_base
-        if dead_view > 0 and dead_view >= len(self.plain) - dead_view:
-            self.plain = self.plain[dead_view:]
-            self.folded = self.folded[dead_view:]
-            del self.starts[:dead_view]
-            del self.ends[:dead_view]
-            self.view_base = view_before
-        dead_orig = orig_before - self.orig_base
-        if dead_orig > 0 and dead_orig >= len(self.orig) - dead_orig:
-            self.orig = self.orig[dead_orig:]
+    def discard(self, plain_before: int, folded_before: int, orig_before: int) -> None:
+        """Forget view characters before the given positions, and original text before ``orig_before``."""
+        self.plain.discard(plain_before)
+        self.folded.discard(folded_before)
+        dead = orig_before - self.orig_base
+        if dead > 0 and dead >= len(self.orig) - dead:
+            self.orig = self.orig[dead:]
             self.orig_base = orig_before
 
-    def _close_segment(self, segment: str, start: int, plain: list[str], folded: list[str]) -> None:
+    # -- building ---------------------------------------------------------------
+
+    def _drop_long_invisible_runs(self, text: str) -> str:
+        """``MAX_INVISIBLE_RUN``: keep at most that many invisible code points between visible ones."""
+        if _INVISIBLE_CHAR.search(text) is None:
+            if not text.isspace():
+                self._invisible_run = 0
+            return text
+        kept = []
+        run = self._invisible_run
+        search = _INVISIBLE_CHAR.match
+        for char in text:
+            if search(char):
+                if run >= MAX_INVISIBLE_RUN:
+                    continue
+                run += 1
+            elif not char.isspace():
+                run = 0
+            kept.append(char)
+        self._invisible_run = run
+        return "".join(kept)
+
+    def _append(self, plain: str, folded: str, starts: list[int] | range, ends: list[int] | range) -> None:
+        """Add characters to both views (one folded per plain character), dropping markers from ``folded``."""
+        if not plain:
+            return
+        p = self.plain
+        p.text += plain
+        p.starts.extend(starts)
+        p.ends.extend(ends)
+        f = self.folded
+        if "*" not in folded and "_" not in folded and "~" not in folded:
+            f.text += folded
+            f.starts.extend(starts)
+            f.ends.extend(ends)
+            last = folded[-1]
+            self._folded_word = last.isalnum() if last < "\x80" else is_word_char(last)
+            self._marker_run = 0
+            return
+        kept: list[str] = []
+        done = 0
+        for marker in _MARKER.finditer(folded):
+            at = marker.start()
+            if at > done:  # the characters since the last marker, in bulk
+                kept.append(folded[done:at])
+                f.starts.extend(starts[done:at])
+                f.ends.extend(ends[done:at])
+                last = folded[at - 1]
+                self._folded_word = last.isalnum() if last < "\x80" else is_word_char(last)
+                self._marker_run = 0
+            if (self._folded_word or self._marker_run) and self._marker_run < MAX_MARKER_RUN:
+                self._marker_run += 1  # inside or at the end of a word: dropped
+            else:
+                kept.append(folded[at])
+                f.starts.append(starts[at])
+                f.ends.append(ends[at])
+                self._folded_word = False
+                self._marker_run = 0
+            done = at + 1
+        if done < len(folded):
+            kept.append(folded[done:])
+            f.starts.extend(starts[done:])
+            f.ends.extend(ends[done:])
+            last = folded[-1]
+            self._folded_word = last.isalnum() if last < "\x80" else is_word_char(last)
+            self._marker_run = 0
+        f.text += "".join(kept)
+
+    def _flush(self) -> None:
+        plain, folded, starts, ends = self._pieces
+        self._pieces = None
+        self._append("".join(plain), "".join(folded), starts, ends)
+
+    def _emit(self, plain: str, folded: str, start: int, end: int) -> None:
+        pieces = self._pieces
+        pieces[0].append(plain)
+        pieces[1].append(folded)
+        pieces[2].extend([start] * len(plain))
+        pieces[3].extend([end] * len(plain))
+
+    def _whitespace(self, char: str, start: int, end: int) -> None:
+        """A whitespace character: the first of a run is kept, then one in every ``MAX_WHITESPACE_RUN + 1``."""
+        if self._after_space and self._ws_run < MAX_WHITESPACE_RUN:
+            self._ws_run += 1
+            return
+        self._emit(char, " ", start, end)
+        self._after_space = True
+        self._ws_run = 0
+
+    def _close_segment(self, segment: str, start: int) -> None:
         end = start + len(segment)
         if len(segment) == 1 and segment < "\x80":  # the common case, kept short
             if segment.isspace():
-                if self._after_space:
-                    self._skip(segment, start, end, plain, folded)
-                    return
-                self._emit(segment, " ", start, end, plain, folded)
-                self._after_space = True
+                self._whitespace(segment, start, end)
             else:
                 lower = segment.lower()
-                self._emit(lower, lower, start, end, plain, folded)
+                self._emit(lower, lower, start, end)
                 self._after_space = False
-            self._run = 0
+                self._ws_run = 0
             return
-        normal = unicodedata.normalize("NFKC", segment)
-        visible = False
-        for char in normal:
+        ignorable = default_ignorables()
+        marks_are_diacritics = script_of(segment[0]) in DIACRITIC_SCRIPTS
+        for char in unicodedata.normalize("NFKC", segment):
             if char.isspace():
-                if self._after_space:
-                    continue
-                self._emit(char, " ", start, end, plain, folded)
-                self._after_space = True
-            elif _is_invisible(char):
+                self._whitespace(char, start, end)
+            elif char in ignorable:
+                continue
+            elif marks_are_diacritics and unicodedata.category(char)[0] == "M":
                 continue
             else:
-                lower = _casefold(char)
-                self._emit(lower, HOMOGLYPHS.get(lower, lower), start, end, plain, folded)
+                plain, folded = _fold_char(char)
+                self._emit(plain, folded, start, end)
                 self._after_space = False
-            visible = True
-        if visible:
-            self._run = 0
-        else:
-            self._skip(normal, start, end, plain, folded)
+                self._ws_run = 0
 
     def _push_ascii(self, text: str, start: int) -> None:
         """Close a run of ASCII characters into the views, as ``_close_ascii`` does.
@@ -295,88 +394,49 @@ class Normalizer:
         printable = text.isprintable()
         whitespace_pair = "  " in text if printable else _ASCII_WHITESPACE_PAIR.search(text) is not None
         if whitespace_pair or (self._after_space and text[0].isspace()):
-            plain: list[str] = []
-            folded: list[str] = []
-            self._close_ascii(text, start, plain, folded)
-            self.plain += "".join(plain)
-            self.folded += "".join(folded)
+            self._pieces = ([], [], [], [])
+            self._close_ascii(text, start)
+            self._flush()
             return
         lower = text.lower()
-        self.plain += lower
-        self.folded += lower if printable else lower.translate(_ASCII_WHITESPACE_TO_SPACE)
-        self.starts.extend(range(start, start + len(text)))
-        self.ends.extend(range(start + 1, start + len(text) + 1))
+        positions = range(start, start + len(text))
+        self._append(
+            lower,
+            lower if printable else lower.translate(_ASCII_WHITESPACE_TO_SPACE),
+            positions,
+            range(start + 1, start + len(text) + 1),
+        )
         self._after_space = text[-1].isspace()
-        self._run = 0
+        self._ws_run = 0
 
-    def _close_ascii(self, text: str, start: int, plain: list[str], folded: list[str]) -> None:
-        """Close a run of ASCII characters in bulk; the same view as closing them one by one."""
+    def _close_ascii(self, text: str, start: int) -> None:
+        """Close a run of ASCII characters in bulk; the same views as closing them one by one."""
         while text and self._after_space and text[0].isspace():
-            self._close_segment(text[0], start, plain, folded)
+            self._close_segment(text[0], start)
             text, start = text[1:], start + 1
         if not text:
             return
         lower = text.lower()
-        kept: list[str] = []
+        kept: list[tuple[int, int]] = []  # ranges of ``text`` that stay
         cursor = 0
         for run in _WHITESPACE_RUN.finditer(text):
             first, stop = run.span()
             # The first whitespace character of a run stays; then one in every
-            # MAX_INVISIBLE_RUN + 1, as one by one (see ``_skip``).
-            self._keep_ascii(lower, cursor, first + 1, start, kept)
-            for overflow in range(first + 1 + MAX_INVISIBLE_RUN, stop, MAX_INVISIBLE_RUN + 1):
-                self._keep_ascii(lower, overflow, overflow + 1, start, kept)
+            # MAX_WHITESPACE_RUN + 1, as one by one (see ``_whitespace``).
+            kept.append((cursor, first + 1))
+            kept.extend((i, i + 1) for i in range(first + 1 + MAX_WHITESPACE_RUN, stop, MAX_WHITESPACE_RUN + 1))
             cursor = stop
-        self._keep_ascii(lower, cursor, len(text), start, kept)
-        view = "".join(kept)
-        plain.append(view)
-        folded.append(view.translate(_ASCII_WHITESPACE_TO_SPACE))
+        if cursor < len(text):
+            kept.append((cursor, len(text)))
+        view = "".join(lower[a:b] for a, b in kept)
+        pieces = self._pieces
+        pieces[0].append(view)
+        pieces[1].append(view.translate(_ASCII_WHITESPACE_TO_SPACE))
+        for a, b in kept:
+            pieces[2].extend(range(start + a, start + b))
+            pieces[3].extend(range(start + a + 1, start + b + 1))
         self._after_space = text[-1].isspace()
-        last_kept = self.starts[-1] - start
-        self._run = len(text) - 1 - last_kept
-
-    def _keep_ascii(self, lower: str, begin: int, stop: int, start: int, kept: list[str]) -> None:
-        kept.append(lower[begin:stop])
-        self.starts.extend(range(start + begin, start + stop))
-        self.ends.extend(range(start + begin + 1, start + stop + 1))
-
-    def _skip(self, normal: str, start: int, end: int, plain: list[str], folded: list[str]) -> None:
-        """An all-invisible segment: skipped, unless the run of skipped ones would grow too long.
-
-        Past ``MAX_INVISIBLE_RUN`` the segment is kept in the view as itself: not
-        a letter, so no term runs across it, and the window stays bounded.
-        """
-        if self._run + (end - start) <= MAX_INVISIBLE_RUN:
-            self._run += end - start
-            return
-        for char in normal:
-            if char.isspace():
-                self._emit(char, " ", start, end, plain, folded)
-                self._after_space = True
-            else:
-                self._emit(char, char, start, end, plain, folded)
-                self._after_space = False
-        self._run = 0
-
-    def _emit(
-        self, plain_text: str, folded_text: str, start: int, end: int, plain: list[str], folded: list[str]
-    ) -> None:
-        plain.append(plain_text)
-        folded.append(folded_text)
-        if len(plain_text) == 1:
-            self.starts.append(start)
-            self.ends.append(end)
-        else:
-            self.starts.extend([start] * len(plain_text))
-            self.ends.extend([end] * len(plain_text))
-
-
-def _casefold(char: str) -> str:
-    """Case-fold one code point, dropping a diacritic that folding itself adds (``İ`` is ``i``)."""
-    folded = char.casefold()
-    if len(folded) > 1:
-        folded = "".join(c for c in folded if not _is_invisible(c)) or folded
-    return folded
+        self._ws_run = len(text) - kept[-1][1]
 
 
 def _joins(segment: str, char: str) -> bool:
@@ -394,7 +454,27 @@ def fold_term(term: str) -> str:
     normalizer = Normalizer()
     normalizer.push(term)
     normalizer.close()
-    return normalizer.folded.strip(" ")
+    return normalizer.folded.text.strip(" ")
+
+
+def term_script(term: str) -> str | None:
+    """The one script a term's letters are written in, or None (none, or several)."""
+    scripts = letter_scripts(term)
+    return next(iter(scripts)) if len(scripts) == 1 else None
+
+
+def letter_scripts(text: str) -> set[str]:
+    """The scripts of the letters in ``text`` (Common and Inherited ones, like digits, left out)."""
+    scripts = set()
+    for char in text:
+        if char.isalpha():
+            if char < "\x80":
+                scripts.add("LATIN")
+            else:
+                script = script_of(char)
+                if script not in ("COMMON", "INHERITED"):
+                    scripts.add(script)
+    return scripts
 
 
 def leet_variants(term: str) -> set[str]:

@@ -12,9 +12,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import re2
+
 from ..config import ConfigError, ModerationConfig, RuleConfig
-from .matchers import PatternMatcher, TermsMatcher, regex_width
-from .normalize import LEET, fold_term, leet_variants
+from .linear_regex import LinearPattern, error_text, options
+from .matchers import PatternMatcher, TermsMatcher
+from .normalize import LEET, fold_term, leet_variants, term_script
 from .pii import pii_matcher
 from .result import ActionKind
 
@@ -75,16 +78,16 @@ def _terms_matcher(rule: RuleConfig, where: str, problems: list[str]) -> TermsMa
     sources = [(f"{where}.terms[{i}]", term) for i, term in enumerate(rule.terms)]
     if rule.terms_file:
         sources += _read_terms_file(rule.terms_file, where, problems)
-    keys: set[str] = set()
+    keys: dict[str, str | None] = {}
     for label, term in sources:
         key = fold_term(term)
         if not key:
             problems.append(f"{label}: the term {term!r} has no visible characters")
             continue
-        if rule.leetspeak:
-            keys.update(leet_variants(key.translate(LEET)))
-        else:
-            keys.add(key)
+        script = term_script(term)
+        for variant in leet_variants(key.translate(LEET)) if rule.leetspeak else (key,):
+            # Two terms with one view form but different scripts: judge the match by neither.
+            keys[variant] = script if keys.get(variant, script) == script else None
     if len(problems) > count_before:
         return None
     if not keys:
@@ -111,11 +114,34 @@ def _read_terms_file(path: str, where: str, problems: list[str]) -> list[tuple[s
     return terms
 
 
+def compile_regex(pattern: str) -> LinearPattern:
+    """Compile a rule's pattern in RE2, case-insensitively (the view is case-folded); raises ``re2.error``."""
+    return LinearPattern(pattern, options(case_sensitive=False))
+
+
+def regex_width(pattern: str, compiled: LinearPattern) -> tuple[int, int]:
+    """The shortest and longest text ``pattern`` can match (huge when unbounded).
+
+    Python's own parser knows this for the syntax it shares with RE2; for the
+    rest (``\\pL``, ``\\z``...) the shortest is 0 if RE2 matches the empty
+    string and 1 otherwise, and the longest is unknown (huge).
+    """
+    try:
+        return re._parser.parse(pattern, re.IGNORECASE).getwidth()  # type: ignore[attr-defined]
+    except (re.error, OverflowError, RecursionError):
+        probe = "a 0 ."
+        empty = any((found := compiled.search(probe, i)) is not None and found[0][0] == found[0][1] for i in range(6))
+        return (0 if empty else 1), 1 << 30
+
+
 def _regex_matcher(rule: RuleConfig, where: str, problems: list[str]) -> PatternMatcher | None:
     assert rule.pattern is not None and rule.max_match_chars is not None  # RuleConfig requires both
-    # The view is case-folded, so patterns match case-insensitively.
-    pattern = re.compile(rule.pattern, re.IGNORECASE)
-    shortest, longest = regex_width(pattern)
+    try:
+        pattern = compile_regex(rule.pattern)
+    except re2.error as exc:
+        problems.append(f"{where}.pattern: rule {rule.name!r}: RE2 cannot compile it ({error_text(exc)})")
+        return None
+    shortest, longest = regex_width(rule.pattern, pattern)
     if shortest == 0:
         problems.append(f"{where}.pattern: can match the empty string; every match must have at least one character")
         return None

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .matchers import PatternGroup, PatternMatcher, TermsMatcher, Views
+from .matchers import SCRIPT_CONTEXT, PatternGroup, PatternMatcher, TermsMatcher, Views
 from .normalize import Normalizer, original_chars_bound
 from .result import Action, ModerationResult
 from .rules import CompiledRule
@@ -166,18 +166,19 @@ class ModerationStream:
         """Collect what the new text decided, act on it, release what is safe, trim the buffers."""
         normalizer = self._normalizer
         views = Views(normalizer)
-        base = views.base
-        t = base + len(views.plain)
-        frontier = t
+        limit = normalizer.pending_start
+        plain, folded = normalizer.plain, normalizer.folded
         for members, scanner in self._scanners:
-            spans, scan_frontier = scanner.advance(views, t, final)
+            spans, frontier = scanner.advance(views, final)
+            track = plain if scanner.track == "plain" else folded
+            base = track.base
             for begin, end, member in spans:
-                self._candidates.append(
-                    _Candidate(normalizer.starts[begin - base], normalizer.ends[end - 1 - base], members[member])
-                )
-            frontier = min(frontier, scan_frontier)
-        # Every candidate that starts before ``limit`` is known: act on those.
-        limit = normalizer.starts[frontier - base] if frontier < t else normalizer.orig_pos(frontier)
+                self._candidates.append(_Candidate(track.starts[begin - base], track.ends[end - 1 - base], members[member]))
+            # Every candidate of this scanner that starts before its frontier is known.
+            if frontier - base < len(track.text):
+                start = track.starts[frontier - base]
+                if start < limit:
+                    limit = start
         if self._candidates:
             result = self._act(limit)
         elif limit > self._released:  # ``_release``, inlined for the common case
@@ -185,8 +186,15 @@ class ModerationStream:
             self._released = limit
         else:
             result = _NOTHING
-        if result.blocked is None and normalizer.orig_end >= self._trim_at:
-            normalizer.discard(min(scanner.needed_from() for _, scanner in self._scanners), self._released)
+        if result.blocked is None and normalizer.orig_base + len(normalizer.orig) >= self._trim_at:
+            plain, folded = normalizer.plain.end, normalizer.folded.end
+            for _, scanner in self._scanners:
+                if scanner.track == "plain":
+                    plain = min(plain, scanner.needed_from())
+                else:
+                    folded = min(folded, scanner.needed_from())
+            # The text before what is still held stays for a look-alike word's context.
+            normalizer.discard(plain, folded, self._released - SCRIPT_CONTEXT)
             self._trim_at = normalizer.orig_end + _TRIM_EVERY
         return result
 
