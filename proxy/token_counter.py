@@ -13,6 +13,8 @@ the whole text.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import regex
 import tiktoken
 
@@ -105,3 +107,34 @@ class StreamingTokenCounter:
     def settle_now(self) -> None:
         """Encode what is settled now (near an answer cap, where ``total`` is asked per chunk)."""
         self._settle()
+
+
+class AnswerCap:
+    """The gateway's answer cap over the text fields of one answer (a choice, a message, a response).
+
+    ``room`` is what the cap surely still allows beyond an upper bound of the
+    answer's tokens. A chunk costs at most one token per UTF-8 byte, so most
+    chunks only subtract from it; when it runs out, the answer's tokens are
+    counted exactly and the room is set again from them. So the cap costs a
+    subtraction per chunk until the answer nears it.
+    """
+
+    __slots__ = ("cap", "room")
+
+    def __init__(self, cap: int):
+        self.cap = cap
+        self.room = cap
+
+    def fit(self, counters: Iterable[StreamingTokenCounter], counter: StreamingTokenCounter, text: str) -> str:
+        """``text``, or as much of it as the cap leaves; ``counters`` are all the answer's (``counter`` among them)."""
+        cost = len(text) if text.isascii() else 4 * len(text)
+        if cost <= self.room:
+            self.room -= cost
+            return text
+        counters = list(counters)
+        for each in counters:
+            each.settle_now()
+        others = sum(each.total() for each in counters if each is not counter)
+        fitted, total = counter.fit(text, max(0, self.cap - others))
+        self.room = self.cap - others - total
+        return fitted

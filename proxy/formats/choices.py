@@ -24,7 +24,7 @@ from collections.abc import Hashable
 from typing import Any
 
 from .. import jsonio
-from ..token_counter import StreamingTokenCounter
+from ..token_counter import AnswerCap, StreamingTokenCounter
 from .base import AnswerContext, Moderated, StreamBroken, Usage, usage_from
 from .logprobs import AlternativesFilter, LogprobsAligner
 
@@ -83,13 +83,13 @@ class Field:
 
 
 class ChoiceState:
-    __slots__ = ("capped", "fields", "finished", "room")
+    __slots__ = ("cap", "capped", "fields", "finished")
 
     def __init__(self, cap: int | None) -> None:
         self.fields: dict[FieldKey, Field] = {}
         self.finished = False
         self.capped = False
-        self.room = cap or 0  # tokens the answer cap surely still allows (see ``_fit``)
+        self.cap = AnswerCap(cap) if cap is not None else None
 
 
 class Choices:
@@ -184,25 +184,9 @@ class Choices:
         return changed, bool(fields), due
 
     def _fit(self, state: ChoiceState, field: Field, text: str) -> str:
-        """``text``, or as much of it as the answer cap leaves this choice.
-
-        ``state.room`` is what the cap leaves beyond an upper bound of the
-        choice's tokens; a chunk costs at most one token per UTF-8 byte, so
-        most chunks only subtract. When the room runs out, the choice's
-        tokens are counted exactly and the room is set again from them.
-        """
-        cost = len(text) if text.isascii() else 4 * len(text)
-        if cost <= state.room:
-            state.room -= cost
-            return text
-        cap = self.cap
-        assert cap is not None
-        for f in state.fields.values():
-            f.counter.settle_now()
-        others = sum(f.counter.total() for f in state.fields.values() if f is not field)
-        fitted, total = field.counter.fit(text, cap - others)
-        state.room = cap - others - total
-        return fitted
+        """``text``, or as much of it as the answer cap leaves this choice."""
+        assert state.cap is not None
+        return state.cap.fit((f.counter for f in state.fields.values()), field.counter, text)
 
     def _feed(
         self, field: Field, text: str, entries: list[Any] | None, final: bool, due: dict[FieldKey, list[Any]], key: FieldKey

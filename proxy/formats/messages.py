@@ -286,7 +286,7 @@ def moderate_message(document: dict[str, Any], ctx: AnswerContext) -> Moderated:
             refs = [TextRef(block, kind)]
             text = block[kind]
             if ctx.cap is not None:
-                fitted = StreamingTokenCounter(ctx.model).fit(text, ctx.cap - counted)
+                fitted, _ = StreamingTokenCounter(ctx.model).fit(text, ctx.cap - counted)
                 if fitted != text:
                     block[kind], stop, changed = fitted, "max_tokens", True
             counted += count_text(ctx.model, block[kind])

@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import jsonio
-from ..token_counter import StreamingTokenCounter
+from ..token_counter import AnswerCap, StreamingTokenCounter
 from .base import AnswerContext, End, EventRewriter, StreamBroken
 
 # The field of each moderated delta type that holds its text.
@@ -77,6 +77,7 @@ class MessagesRewriter(EventRewriter):
     def __init__(self, ctx: AnswerContext):
         super().__init__()
         self._ctx = ctx
+        self._cap: AnswerCap | None = None  # made at the first capped chunk
         engine = ctx.engine
         self._engine = engine if engine is not None and engine.has_rules("output") else None
         self._blocks: dict[int, _Block] = {}
@@ -194,15 +195,9 @@ class MessagesRewriter(EventRewriter):
 
     def _fit(self, block: _Block, text: str) -> str:
         """``text``, or as much of it as the answer cap leaves (the cap spans every block)."""
-        cap = self._ctx.cap
-        assert cap is not None
-        blocks = self._blocks.values()
-        if sum(b.counter.bound() for b in blocks) + 4 * len(text) <= cap:
-            return text
-        for b in blocks:
-            b.counter.settle_now()
-        others = sum(b.counter.total() for b in blocks if b is not block)
-        return block.counter.fit(text, cap - others)
+        if self._cap is None:
+            self._cap = AnswerCap(self._ctx.cap)  # type: ignore[arg-type]
+        return self._cap.fit((b.counter for b in self._blocks.values()), block.counter, text)
 
     def _stop(self, name: str, data: str, body: dict[str, Any]) -> bytes:
         index = self._index(body)

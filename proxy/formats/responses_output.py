@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from ..token_counter import StreamingTokenCounter
+from ..token_counter import AnswerCap, StreamingTokenCounter
 from .base import AnswerContext, StreamBroken
 from .chat import SHAPE as CHAT_SHAPE  # a logprob entry is spelled as in chat
 from .logprobs import AlternativesFilter, LogprobsAligner
@@ -78,6 +78,7 @@ class OutputTexts:
         )
         self.model = ctx.model
         self.cap = ctx.cap
+        self._cap: AnswerCap | None = None  # made at the first capped chunk
         self.fields: dict[Key, _Field] = {}
         self.actions: list[Any] = []
         self.cut: str | None = None
@@ -164,15 +165,9 @@ class OutputTexts:
 
     def _fit(self, field: _Field, text: str) -> str:
         """``text``, or as much of it as the answer cap leaves."""
-        cap = self.cap
-        assert cap is not None
-        fields = self.fields.values()
-        if sum(f.counter.bound() for f in fields) + 4 * len(text) <= cap:
-            return text
-        for f in fields:
-            f.counter.settle_now()
-        others = sum(f.counter.total() for f in fields if f is not field)
-        return field.counter.fit(text, max(0, cap - others))
+        if self._cap is None:
+            self._cap = AnswerCap(self.cap)  # type: ignore[arg-type]
+        return self._cap.fit((f.counter for f in self.fields.values()), field.counter, text)
 
     def completion_tokens(self) -> int:
         return sum(f.counter.total() for f in self.fields.values())
