@@ -20,6 +20,7 @@ the gateway. Fields of ``mock`` (all optional):
     raw              strings written verbatim as the SSE body (malformed streams)
     no_done          true: leave out the final ``data: [DONE]``
     usage            false: never report usage, even when asked
+    ignore_max_tokens  true: answer in full whatever max_tokens says (a provider that overspends)
     tool_call        {"name": ..., "arguments": "..."}: answer with a tool call
                      whose arguments stream in pieces
 
@@ -185,6 +186,7 @@ class MockControl:
     raw: tuple[str, ...] | None = None
     no_done: bool = False
     usage: bool = True
+    ignore_max_tokens: bool = False
     tool_call: ToolCall | None = None
 
     @classmethod
@@ -225,7 +227,7 @@ class MockControl:
                 if not isinstance(item, list) or not all(isinstance(piece, str) for piece in item):
                     raise _bad(param, "must be a list of strings")
                 fields["raw"] = tuple(item)
-            elif key in ("no_done", "usage"):
+            elif key in ("no_done", "usage", "ignore_max_tokens"):
                 if not isinstance(item, bool):
                     raise _bad(param, "must be true or false")
                 fields[key] = item
@@ -343,7 +345,7 @@ def _plan_answer(model: str, text: str, max_tokens: int | None, control: MockCon
     # chunk encodes as UTF-8.
     text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
     finish_reason = natural_finish
-    if max_tokens is not None:
+    if max_tokens is not None and not control.ignore_max_tokens:
         encoding = tokens.encoding_for_model(model)
         ids = encoding.encode_ordinary(text)
         if len(ids) > max_tokens:

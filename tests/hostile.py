@@ -127,7 +127,10 @@ LONG = web.AppKey("long_state", dict)
 
 
 async def _long_chat(request: web.Request) -> web.StreamResponse:
-    """``long: {"chars": N, "chunk": M}``: N characters of words, M per SSE event, usage at the end."""
+    """``long: {"chars": N, "chunk": M, "stall_ms": S}``: N characters of words, M per SSE event, no usage.
+
+    ``stall_ms``: pause that long after the text, before the final chunk.
+    """
     body = await request.json()
     spec = body.get("long", {})
     total, size = int(spec.get("chars", 1000)), int(spec.get("chunk", 1000))
@@ -136,11 +139,25 @@ async def _long_chat(request: web.Request) -> web.StreamResponse:
     piece = ("lorem ipsum dolor sit amet " * (size // 27 + 1))[:size]
     head = {"id": "chatcmpl-long", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
     if not body.get("stream"):
+        # A whole answer of ``total`` characters; ``declare_length``: false sends it chunked, with no length.
         text = ("lorem ipsum dolor sit amet " * (total // 27 + 1))[:total]
         answer = {**head, "object": "chat.completion",
                   "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
                   "usage": {"prompt_tokens": 5, "completion_tokens": total // 5, "total_tokens": total // 5 + 5}}
-        return web.json_response(answer)
+        data = json.dumps(answer).encode()
+        del text, answer
+        if spec.get("declare_length", True):
+            return web.Response(body=data, content_type="application/json")
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        try:
+            for start in range(0, len(data), 1 << 16):
+                await response.write(data[start : start + (1 << 16)])
+            await response.write_eof()
+        except (ConnectionError, RuntimeError):
+            state["left"] += 1
+        return response
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
     await response.prepare(request)
     event = b"data: " + json.dumps({**head, "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}).encode() + b"\n\n"
@@ -150,6 +167,9 @@ async def _long_chat(request: web.Request) -> web.StreamResponse:
             await response.write(event)
             sent += size
             state["bytes"] += len(event)
+        state["sent_all"] += 1
+        if spec.get("stall_ms"):  # everything sent but the end: the client may hang up now
+            await asyncio.sleep(spec["stall_ms"] / 1000)
         final = {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
         await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
@@ -165,10 +185,16 @@ async def _long_chat(request: web.Request) -> web.StreamResponse:
 
 async def start_long_upstream() -> tuple[web.AppRunner, str, dict[str, int]]:
     app = web.Application(client_max_size=1 << 20)
-    app[LONG] = state = {"started": 0, "finished": 0, "left": 0, "bytes": 0}
+    app[LONG] = state = {"started": 0, "finished": 0, "left": 0, "bytes": 0, "sent_all": 0}
     app.router.add_post("/v1/chat/completions", _long_chat)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
     await runner.setup()
     port = free_port()
     await web.TCPSite(runner, "127.0.0.1", port, backlog=LISTEN_BACKLOG).start()
     return runner, f"http://127.0.0.1:{port}/v1", state
+
+
+def long_text(chars: int, chunk: int) -> str:
+    """The text ``_long_chat`` streams for ``chars`` and ``chunk``."""
+    piece = ("lorem ipsum dolor sit amet " * (chunk // 27 + 1))[:chunk]
+    return piece * -(-chars // chunk)
