@@ -184,7 +184,7 @@ async def _long_chat(request: web.Request) -> web.StreamResponse:
 
 
 async def start_long_upstream() -> tuple[web.AppRunner, str, dict[str, int]]:
-    app = web.Application(client_max_size=1 << 20)
+    app = web.Application(client_max_size=16 << 20)  # big prompts too
     app[LONG] = state = {"started": 0, "finished": 0, "left": 0, "bytes": 0, "sent_all": 0}
     app.router.add_post("/v1/chat/completions", _long_chat)
     runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
