@@ -53,6 +53,7 @@ async def test_one_long_stream_to_a_fast_reader_does_not_grow_memory(tmp_path):
                     received = await _read_stream(session, url, 40_000_000)
         assert received > 40_000_000
         grown = (peak.peak_kb - warm) / MB
+        print(f"one 40 MB streamed answer to a fast reader: +{grown:.1f} MB peak")
         assert grown < 15, f"+{grown:.1f} MB for a 40 MB answer"
     finally:
         await runner.cleanup()
@@ -125,6 +126,7 @@ async def test_a_whole_answer_past_max_response_bytes_is_refused_not_buffered(tm
                     assert resp.status == 200
                     assert len((await resp.json())["choices"][0]["message"]["content"]) == 1_000_000
         grown = (peak.peak_kb - before) / MB
+        print(f"two 100 MB whole answers refused at 8 MB: +{grown:.1f} MB peak")
         assert grown < 40, f"+{grown:.1f} MB"
     finally:
         await runner.cleanup()
@@ -150,6 +152,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_closed(tm
             while state["left"] == 0 and time.monotonic() < deadline:
                 await asyncio.sleep(0.1)
             left_after = time.monotonic() - started
+            print(f"a client that stopped reading: its upstream closed {left_after:.1f} s after the headers")
             assert state["left"] == 1 and state["finished"] == 0, state
             assert left_after < 10, left_after
             # The gateway has closed both sockets of that stream.
