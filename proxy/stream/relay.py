@@ -24,11 +24,11 @@ from .pipeline import StreamEnd, StreamPipeline
 from .sse import KEEPALIVE
 
 
-# The most one read takes off the upstream's buffer. ``readany`` joins everything
+# The most one read takes off the upstream's buffer (an SSE chunk is a few hundred bytes). ``readany`` joins everything
 # buffered (aiohttp lets a few hundred KB pile up between reads): a stream held
 # by a slow client would keep that joined copy, and what the pipeline makes of
 # it, alive while its write waits; 200 such streams fragment the heap by tens of MB.
-_READ_BYTES = 64 * 1024
+_READ_BYTES = 16 * 1024
 
 
 class ClientGone(Exception):
