@@ -24,10 +24,10 @@ from .pipeline import StreamEnd, StreamPipeline
 from .sse import KEEPALIVE
 
 
-# The most one read takes off the upstream's buffer (an SSE chunk is a few hundred bytes). ``readany`` joins everything
-# buffered (aiohttp lets a few hundred KB pile up between reads): a stream held
-# by a slow client would keep that joined copy, and what the pipeline makes of
-# it, alive while its write waits; 200 such streams fragment the heap by tens of MB.
+# The most one read takes off the upstream's buffer (an SSE chunk is a few
+# hundred bytes). ``readany`` joins everything buffered: a stream held by a
+# slow client would keep that joined copy, and what the pipeline makes of it,
+# alive while its write waits; 200 such streams cost tens of MB of heap.
 _READ_BYTES = 16 * 1024
 
 
