@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .config import Settings
+from .connections import ConnectionLimits, GuardedRunner, raise_open_file_limit
 from .formats import FORMATS
 from .gateway import Gateway
 from .handlers.admin import admin_reload, admin_usage
@@ -78,7 +79,7 @@ class GatewayServer:
         self.port = port if port is not None else settings.server.port
         self.metrics_port = settings.server.metrics_port
         self.app = create_app(settings, config_path)
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[GuardedRunner] = []
 
     @property
     def gateway(self) -> Gateway:
@@ -86,8 +87,11 @@ class GatewayServer:
 
     async def start(self, sockets: Sequence[socket.socket] = (), metrics_sockets: Sequence[socket.socket] = ()) -> None:
         """Listen on host and port, or on ``sockets`` already bound (a worker's, handed down by its supervisor)."""
-        runner = web.AppRunner(
+        raise_open_file_limit()  # before the cap is fitted to it
+        limits = ConnectionLimits.from_server(self.settings.server)
+        runner = GuardedRunner(
             self.app,
+            limits,
             handler_cancellation=True,  # a client that leaves cancels its handler, and so the upstream call
             shutdown_timeout=1.0,  # stop() has already given in-flight requests their grace period
             access_log=None,
@@ -96,7 +100,7 @@ class GatewayServer:
         self._runners.append(runner)
         self.port = await _listen(runner, self.host, self.port, sockets)
         if self.metrics_port is not None:
-            metrics_runner = web.AppRunner(create_metrics_app(self.gateway), access_log=None)
+            metrics_runner = GuardedRunner(create_metrics_app(self.gateway), limits, access_log=None)
             await metrics_runner.setup()
             self._runners.append(metrics_runner)
             self.metrics_port = await _listen(metrics_runner, self.host, self.metrics_port, metrics_sockets)
@@ -125,7 +129,7 @@ class GatewayServer:
 LISTEN_BACKLOG = 4096
 
 
-async def _listen(runner: web.AppRunner, host: str, port: int, sockets: Sequence[socket.socket] = ()) -> int:
+async def _listen(runner: GuardedRunner, host: str, port: int, sockets: Sequence[socket.socket] = ()) -> int:
     """Listen on ``host:port``, or on bound ``sockets`` when given; returns the port."""
     if sockets:
         for sock in sockets:

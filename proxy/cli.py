@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import os
-import resource
 import sys
 import time
 from collections.abc import Coroutine, Sequence
@@ -14,6 +13,7 @@ from typing import Any, TypeVar
 
 from .accounting import StoreUnavailable, UsageReport, format_usage_table, open_store
 from .auth import hash_key
+from .connections import raise_open_file_limit
 from .config import CONFIG_PATH_ENV, ENV_PREFIX, ConfigError, Settings, load_settings, worker_count
 from .gateway import Runtime
 from .logs import configure_logging
@@ -78,23 +78,6 @@ def _settings_for(command: str, args: argparse.Namespace) -> tuple[str, Settings
     except ConfigError as exc:
         _print_problems(exc.problems)
         return 1
-
-
-def raise_open_file_limit() -> None:
-    """Lift the soft limit on open files to the hard one.
-
-    Every stream holds two sockets (the client's and the upstream's), so the
-    common default soft limit of 1,024 would refuse connections at about 500
-    streams, long before memory or CPU run out.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        hard = max(soft, 1 << 20)
-    if soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass  # keep what we have; the system said no
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

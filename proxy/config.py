@@ -56,6 +56,11 @@ class ServerConfig(_Strict):
     send_timeout_seconds: float = Field(30, gt=0)
     # A whole (non-streamed) answer larger than this is refused as an upstream error, not buffered.
     max_response_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    # Bounds on what a client may hold without a key (proxy/connections.py):
+    header_timeout_seconds: float = Field(10, gt=0)  # a new connection's request headers, complete
+    body_timeout_seconds: float = Field(30, gt=0)  # the longest pause between a request body's bytes
+    idle_timeout_seconds: float = Field(65, gt=0)  # a kept-alive connection with no request in progress
+    max_connections: int = Field(8192, ge=1)  # open client connections; beyond, 503 and close at once
     shutdown_grace_seconds: float = Field(30, ge=0)
     metrics_port: int | None = Field(None, ge=0, le=65535)  # serve /metrics here instead of on `port`
     max_upstream_attempts: int = Field(2, ge=1, le=10)  # connect errors and 5xx before the first byte retry

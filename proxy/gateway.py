@@ -139,8 +139,9 @@ class Gateway:
             if self.config_path is None:
                 return ["no config file to reload: the gateway was started without one"]
             try:
-                settings = load_settings(self.config_path)
-                runtime = Runtime(settings)
+                # Parsing the file and compiling its rules takes seconds for a big blocklist: off the loop.
+                settings = await asyncio.to_thread(load_settings, self.config_path)
+                runtime = await asyncio.to_thread(Runtime, settings)
             except ConfigError as exc:
                 problems = exc.problems
             else:

@@ -48,6 +48,9 @@ def forwarded_response_headers(headers: Mapping[str, str], body: bool = True) ->
     return kept
 
 
+UPSTREAM_READ_BUFSIZE = 16 * 1024
+
+
 class Upstream:
     """One provider: its config, its API key and its connection pool."""
 
@@ -83,6 +86,9 @@ class Upstream:
             skip_auto_headers=("User-Agent",),
             cookie_jar=aiohttp.DummyCookieJar(),  # a provider's cookies are no business of other clients
             trust_env=False,
+            # aiohttp pauses the socket at twice this much unread: a stream whose client reads
+            # slowly holds that much of its upstream's answer (2 x 64 KB by default).
+            read_bufsize=UPSTREAM_READ_BUFSIZE,
         )
 
     async def close(self) -> None:

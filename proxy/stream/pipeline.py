@@ -98,6 +98,29 @@ class StreamPipeline:
             self.end = StreamEnd("client_gone")
         return self.end
 
+    def count_unsent(self, data: bytes) -> None:
+        """Upstream bytes read but never fed when the client left: counted for billing, never sent.
+
+        The upstream produced them, so they are billed (DESIGN: a hang-up counts
+        the tokens so far). They pass through the rewriter as any event would,
+        its output dropped, so its usage (counted, or the upstream's own usage
+        chunk if it is among them) covers them. Only after ``client_gone``, and
+        only until the rewriter sees the answer's own end.
+        """
+        if self.end is None or self.end.kind != "client_gone" or self.rewriter.end is not None:
+            return
+        try:
+            events = self._decoder.feed(data)
+        except EventTooLarge as exc:
+            events = exc.events
+        for event in events:
+            try:
+                self.rewriter.event(event)
+            except StreamBroken:
+                return
+            if self.rewriter.end is not None:
+                return
+
     def _events(self, events: list) -> bytes:
         out = b""
         rewriter = self.rewriter

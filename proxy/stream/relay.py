@@ -25,6 +25,13 @@ from .pipeline import StreamEnd, StreamPipeline
 from .sse import KEEPALIVE
 
 
+# The most one read takes off the upstream's buffer (an SSE chunk is a few
+# hundred bytes). ``readany`` joins everything buffered: a stream held by a
+# slow client would keep that joined copy, and what the pipeline makes of it,
+# alive while its write waits; 200 such streams cost tens of MB of heap.
+_READ_BYTES = 16 * 1024
+
+
 class ClientGone(Exception):
     """The client closed its connection, or stopped reading past the send timeout."""
 
@@ -100,7 +107,7 @@ class StreamClock:
         """The next data, or ``None`` when a keep-alive is due; ``TimeoutError`` past the timeout."""
         self._waiting = "read"
         try:
-            data = await content.readany()
+            data = await content.read(_READ_BYTES)
         except asyncio.CancelledError:
             fired = self._own_cancel()
             if fired == "timeout":
@@ -180,8 +187,10 @@ async def relay(
                     first_text_at = time.monotonic()
     except ClientGone:
         end = pipeline.client_gone()
+        _count_unsent(content, pipeline)
     except asyncio.CancelledError:
         pipeline.client_gone()  # the handler is cancelled: the client left
+        _count_unsent(content, pipeline)
         raise
     except Exception:
         # Headers are sent: a 500 is no longer possible, but a well-formed ending is.
@@ -194,3 +203,13 @@ async def relay(
     finally:
         clock.stop()
     return Relayed(end, first_text_at)
+
+
+def _count_unsent(content: aiohttp.StreamReader, pipeline: StreamPipeline) -> None:
+    """Bill what aiohttp has already read off the upstream but the relay had not fed yet (no waiting)."""
+    try:
+        data = content.read_nowait()
+    except Exception:  # noqa: BLE001  the upstream broke too: nothing more to count
+        return
+    if data:
+        pipeline.count_unsent(data)
