@@ -204,6 +204,8 @@ async def forward_stream(
         finally:
             metrics.active_streams.dec()
         end = relayed.end
+        if relayed.stalled and request.transport is not None:
+            request.transport.abort()  # closing would wait for a client that reads nothing to take the buffer
         if relayed.first_text_at is not None:
             record.ttft_ms = (relayed.first_text_at - record.started) * 1000
         if end.kind != "client_gone":

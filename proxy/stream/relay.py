@@ -33,13 +33,18 @@ _READ_BYTES = 16 * 1024
 
 
 class ClientGone(Exception):
-    """The client closed its connection, or stopped reading past the send timeout."""
+    """The client closed its connection, or stopped reading past the send timeout (``stalled``)."""
+
+    def __init__(self, stalled: bool = False):
+        super().__init__()
+        self.stalled = stalled
 
 
 @dataclass(slots=True)
 class Relayed:
     end: StreamEnd
     first_text_at: float | None  # monotonic time the first answer text was written
+    stalled: bool = False  # the client stopped reading: its connection is to be aborted, not drained
 
 
 class StreamClock:
@@ -127,7 +132,7 @@ class StreamClock:
             await response.write(data)
         except asyncio.CancelledError:
             if self._own_cancel() is not None:
-                raise ClientGone() from None  # it stopped reading
+                raise ClientGone(stalled=True) from None  # it stopped reading
             raise
         except (ConnectionError, RuntimeError) as exc:
             # aiohttp raises ClientConnectionResetError (a ConnectionResetError) or, on a
@@ -163,6 +168,7 @@ async def relay(
         # timer at every chunk; it is set again for the connection's next request.
         upstream.connection.protocol.read_timeout = None
     end: StreamEnd | None = None
+    stalled = False
     out = b""
     try:
         while end is None:
@@ -185,8 +191,9 @@ async def relay(
                 await clock.write(response, out)
                 if first_text_at is None and pipeline.delivered_text:
                     first_text_at = time.monotonic()
-    except ClientGone:
+    except ClientGone as gone:
         end = pipeline.client_gone()
+        stalled = gone.stalled
         _count_unsent(content, pipeline)
     except asyncio.CancelledError:
         pipeline.client_gone()  # the handler is cancelled: the client left
@@ -202,7 +209,7 @@ async def relay(
             end = pipeline.client_gone()
     finally:
         clock.stop()
-    return Relayed(end, first_text_at)
+    return Relayed(end, first_text_at, stalled)
 
 
 def _count_unsent(content: aiohttp.StreamReader, pipeline: StreamPipeline) -> None:
