@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline_feeding import feed
 from proxy.config import ModerationConfig
 from proxy.formats import AnswerContext
 from proxy.formats.base import ParsedRequest
@@ -101,21 +102,6 @@ def stream(text=TEXT, size=3, thinking=None, tool=None):
 def pipeline(engine=ENGINE, cap=None):
     parsed = ParsedRequest({}, MODEL, stream=True)
     return StreamPipeline(FORMAT.stream_rewriter(parsed, AnswerContext(MODEL, engine, False, cap)), 1 << 20)
-
-
-def feed(pipe, data, cuts=()):
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    out = b""
-    end = None
-    for a, b in zip([0, *points], [*points, len(data)]):
-        if a == b:
-            continue
-        sent, end = pipe.feed(data[a:b])
-        out += sent
-    if end is None:
-        sent, end = pipe.upstream_closed()
-        out += sent
-    return out, end
 
 
 def frames(raw: bytes) -> list[tuple[str, dict]]:

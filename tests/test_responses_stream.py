@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline_feeding import feed
 from proxy.config import ModerationConfig
 from proxy.formats import FORMATS, AnswerContext
 from proxy.formats.base import ParsedRequest
@@ -116,20 +117,6 @@ def sse(events):
 def pipeline(engine=ENGINE, cap=None, **fields):
     parsed = ParsedRequest({"model": MODEL, "input": "hi", "stream": True, **fields}, MODEL, stream=True)
     return StreamPipeline(RESPONSES.stream_rewriter(parsed, AnswerContext(MODEL, engine, False, cap)), 1 << 20)
-
-
-def feed(pipe, data: bytes, cuts=()):
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    out = b""
-    end = None
-    for a, b in zip([0, *points], [*points, len(data)]):
-        if data[a:b]:
-            piece, end = pipe.feed(data[a:b])
-            out += piece
-    if end is None:
-        piece, end = pipe.upstream_closed()
-        out += piece
-    return out, end
 
 
 def sent_events(out: bytes):

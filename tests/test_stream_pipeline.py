@@ -12,6 +12,7 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline_feeding import feed
 from proxy.config import ModerationConfig
 from proxy.formats import AnswerContext
 from proxy.formats.base import ParsedRequest
@@ -51,20 +52,6 @@ def sse(events, framing="data: ", end=b"\n\n"):
 def pipeline(engine=ENGINE, fmt=CHAT, cap=None, wants_usage=False, payload=None):
     parsed = ParsedRequest(payload or {}, MODEL, stream=True, client_wants_usage=wants_usage)
     return StreamPipeline(fmt.stream_rewriter(parsed, AnswerContext(MODEL, engine, wants_usage, cap)), 1 << 20)
-
-
-def feed(pipe, data: bytes, cuts=()):
-    points = sorted({c % (len(data) + 1) for c in cuts})
-    out = b""
-    end = None
-    for a, b in zip([0, *points], [*points, len(data)]):
-        if data[a:b]:
-            piece, end = pipe.feed(data[a:b])
-            out += piece
-    if end is None:
-        piece, end = pipe.upstream_closed()
-        out += piece
-    return out, end
 
 
 def decoded(out: bytes):
