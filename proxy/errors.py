@@ -27,6 +27,8 @@ _TYPE_BY_CODE = {
     "not_found": "invalid_request_error",
     "method_not_allowed": "invalid_request_error",
     "invalid_config": "invalid_request_error",
+    "request_timeout": "invalid_request_error",
+    "server_busy": "server_error",
 }
 
 

@@ -90,6 +90,8 @@ _MIGRATE_QUOTA_USAGE = (
     "DROP TABLE quota_usage",
 )
 
+_DELETE_SLOT = "DELETE FROM quota_slots WHERE reservation = ? AND subject = ?"
+
 # The live-slot count never expires by time: it is corrected by the slots that do.
 _SLOT_COUNT_EXPIRES = math.inf
 
@@ -142,8 +144,16 @@ def _marker(reservation_id: str) -> str:
 
 
 def _expire_slots(batch: Any, now: float) -> None:
-    """Delete every slot whose lease ended by ``now`` and count it out of its subject's count."""
-    for (subject,) in batch.conn.execute("DELETE FROM quota_slots WHERE deadline <= ? RETURNING subject", (now,)):
+    """Delete every slot whose lease ended by ``now`` and count it out of its subject's count.
+
+    Nearly always there is none: a probe of the deadline index costs a sixth of
+    the ``DELETE ... RETURNING`` (which builds a temporary table even when it
+    returns nothing), so the delete runs only when the probe finds a slot.
+    """
+    conn = batch.conn
+    if conn.execute("SELECT 1 FROM quota_slots WHERE deadline <= ? LIMIT 1", (now,)).fetchone() is None:
+        return
+    for (subject,) in conn.execute("DELETE FROM quota_slots WHERE deadline <= ? RETURNING subject", (now,)):
         batch.view.correct(subject, -1)
 
 
@@ -202,10 +212,10 @@ def settle(batch: Any, reservation: Settled, used_tokens: int,
     if delta:
         for counter in reservation.charges:
             view.correct(counter, delta)
-    if reservation.slots:
-        # a slot whose lease had ended is gone already, and was counted out then
-        for (subject,) in conn.execute("DELETE FROM quota_slots WHERE reservation = ? RETURNING subject",
-                                       (reservation.id,)):
+    # A slot whose lease had ended is gone already, and was counted out then. One point
+    # delete per slot (a request holds one or two) is cheaper than a DELETE ... RETURNING.
+    for subject in reservation.slots:
+        if conn.execute(_DELETE_SLOT, (reservation.id, subject)).rowcount:
             view.correct(subject, -1)
     if entry is not None:
         view.add_entry(*entry)
