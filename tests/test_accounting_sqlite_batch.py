@@ -96,3 +96,19 @@ def test_batched_operations_decide_and_write_as_one_per_transaction(workload, cu
     alone = run(workload, set(range(len(workload))))
     batched = run(workload, cuts)
     assert batched == alone
+
+
+def test_a_batch_reads_and_writes_more_counters_than_one_statement_holds():
+    """Reads and writes go in parts of a bounded size; 40 counters, some without a row, round-trip."""
+    conn = fresh()
+    names = [f"key:k{i}:requests_per_minute:202501151234" for i in range(40)]
+    conn.execute("BEGIN")
+    first = CounterView()
+    assert first.read(conn, names) == [0] * 40
+    for i, name in enumerate(names[::2]):
+        first.add(name, i + 1, T0 + 60)
+    first.apply(conn)
+    conn.execute("COMMIT")
+    second = CounterView()
+    assert second.read(conn, names) == [(i // 2 + 1) if i % 2 == 0 else 0 for i in range(40)]
+    assert conn.execute("SELECT count(*) FROM quota_counters").fetchone()[0] == 20

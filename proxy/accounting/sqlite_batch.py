@@ -44,6 +44,8 @@ def _write_counters(n: int) -> str:
         f"INSERT INTO quota_counters (counter, value, expires) VALUES {', '.join(['(?, ?, ?)'] * n)} "
         "ON CONFLICT (counter) DO UPDATE SET value = excluded.value, expires = max(expires, excluded.expires)"
     )
+
+
 # A settle corrects only counters that still exist: one pruned has ended its window.
 CORRECT_COUNTER = "UPDATE quota_counters SET value = value + ? WHERE counter = ?"
 _INSERT_LEDGER = (
