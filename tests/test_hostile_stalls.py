@@ -6,25 +6,32 @@ compiled on the event loop, froze every client for 0.5-3.9 s. The figures
 are printed (``-s``).
 
 The reload now parses and compiles in a thread: the loop answers other
-clients meanwhile, though the compile still holds the GIL in turns. Big
-prompts were already counted and moderated in threads, but that work is
-pure Python holding the GIL, and the loop thread waits for it in turns:
-eight 4 MB prompts still hold /healthz up to about 0.7-1 s on this shared
-2-core machine (baseline worst: about 15 ms). That test is an expected
-failure until the prompt work leaves the GIL (a process, or a native
-matcher that releases it).
+clients meanwhile, though the compile still holds the GIL in turns.
+
+Big prompts were counted and moderated in threads, but moderation is pure
+Python holding the GIL, and the loop thread got it back only in turns:
+eight 4 MB prompts held /healthz for 3.3 s. Now a big prompt is parsed and
+moderated on the loop in short turns, one big prompt's turn per loop
+iteration (``proxy/prompt_turns.py``), and counted in a thread (tiktoken
+releases the GIL): /healthz waits about one turn. The moderation of a
+prompt in turns is the moderation of the whole prompt: a match across a
+turn's boundary is found as in one piece.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 
 import aiohttp
-import pytest
-from conftest import ADMIN, gateway_config
-from hostile import AUTH, start_long_upstream, timed_get
+import orjson
+from aiohttp import web
+from conftest import ADMIN, free_port, gateway_config
+from hostile import AUTH, timed_get
 from processes import GatewayProcess
+
+from proxy import prompt_turns
 
 
 async def _healthz_while(url: str, work) -> list[float]:
@@ -49,28 +56,92 @@ def _moderated(upstream_url: str, terms_file: str | None = None) -> dict:
     return config
 
 
-@pytest.mark.xfail(reason="prompt moderation in threads still holds the GIL: see the module docstring", strict=False)
+async def _start_big_prompt_upstream() -> tuple[web.AppRunner, str, list[bytes]]:
+    """An upstream that reads a prompt of any size without parsing it (so the test process stays idle) and answers "ok".
+
+    It keeps the bodies it was sent, for the tests that check what went upstream.
+    """
+    bodies: list[bytes] = []
+
+    async def chat(request: web.Request) -> web.Response:
+        bodies.append(await request.read())
+        return web.json_response(
+            {"id": "chatcmpl-big", "object": "chat.completion", "created": 0, "model": "gpt-4o-mini",
+             "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+             "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        )
+
+    app = web.Application(client_max_size=16 << 20)
+    app.router.add_post("/v1/chat/completions", chat)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}/v1", bodies
+
+
+def _chat_bytes(prompt: str) -> bytes:
+    return orjson.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}], "max_tokens": 5})
+
+
+async def _post(session: aiohttp.ClientSession, url: str, data: bytes) -> tuple[int, dict]:
+    headers = {**AUTH, "Content-Type": "application/json"}
+    async with session.post(url + "/v1/chat/completions", data=data, headers=headers) as resp:
+        return resp.status, await resp.json()
+
+
 async def test_eight_4mb_prompts_do_not_stall_other_clients(tmp_path):
-    prompt = ("lorem ipsum dolor sit amet " * 150_000)[:4_000_000]
-    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": prompt}], "max_tokens": 5,
-            "long": {"chars": 10}}
-    runner, upstream_url, _ = await start_long_upstream()  # the shared mock takes bodies of 1 MB at most
+    """Before: 3.3 s worst (moderated in threads, holding the GIL); now about one turn of moderation."""
+    data = _chat_bytes(("lorem ipsum dolor sit amet " * 150_000)[:4_000_000])  # encoded once, not on the timed loop
+    runner, upstream_url, _ = await _start_big_prompt_upstream()
     async with GatewayProcess(_moderated(upstream_url), tmp_path / "sluice.yaml") as gateway:
 
         async def prompts() -> None:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
-
-                async def one() -> int:
-                    async with session.post(gateway.url + "/v1/chat/completions", json=body, headers=AUTH) as resp:
-                        await resp.read()
-                        return resp.status
-
-                assert await asyncio.gather(*(one() for _ in range(8))) == [200] * 8
+                answers = await asyncio.gather(*(_post(session, gateway.url, data) for _ in range(8)))
+            assert [status for status, _ in answers] == [200] * 8, answers
 
         waits = await _healthz_while(gateway.url, prompts())
     await runner.cleanup()
     print(f"eight 4 MB prompts: /healthz worst {max(waits) * 1000:.0f} ms over {len(waits)} requests")
-    assert max(waits) < 0.5, max(waits)
+    # The issue's target is 50 ms; the bound leaves room for this shared VM's noise.
+    assert len(waits) > 10 and max(waits) < 0.25, (len(waits), max(waits))
+
+
+async def test_a_big_prompt_moderated_in_turns_is_moderated_like_a_small_one(tmp_path):
+    """A match across every slice boundary is still found: redacted exactly upstream, or blocked."""
+    config = gateway_config("")
+    config["moderation"] = {"rules": [
+        {"name": "banned", "type": "terms", "terms": ["forbidden phrase"], "action": "block"},
+        {"name": "email", "type": "pii", "entity": "email", "action": "redact"},
+    ]}
+    filler = "lorem ipsum dolor sit amet " * 40_000  # about a megabyte: dozens of turns
+    turn = prompt_turns.TURN_CHARS
+    # Each address starts 5 characters before a multiple of the turn size: it straddles two slices.
+    pieces, length = [], 0
+    for k in range(1, 30):
+        start = k * turn - 5
+        address = f"user{k}@example.com "
+        pieces += [filler[: start - length - 1] + " ", address]
+        length = start + len(address)
+    pieces.append(filler[:100_000])
+    redacted_prompt = "".join(pieces)
+    runner, upstream_url, bodies = await _start_big_prompt_upstream()
+    config["upstreams"][0]["base_url"] = upstream_url
+    async with GatewayProcess(config, tmp_path / "sluice.yaml") as gateway:
+        async with aiohttp.ClientSession() as session:
+            status, _ = await _post(session, gateway.url, _chat_bytes(redacted_prompt))
+            assert status == 200
+            sent = orjson.loads(bodies[-1])["messages"][0]["content"]
+            assert "@example.com" not in sent and sent.count("[REDACTED:email]") == 29
+            assert sent == re.sub(r"user\d+@example\.com", "[REDACTED:email]", redacted_prompt)
+
+            boundary = 20 * turn
+            blocked = filler[: boundary - 7] + " forbidden phrase " + filler[boundary - 7 :]
+            status, answer = await _post(session, gateway.url, _chat_bytes(blocked))
+            assert status == 400 and answer["error"]["code"] == "content_filter", answer
+            assert len(bodies) == 1  # the blocked prompt never went upstream
+    await runner.cleanup()
 
 
 async def test_a_reload_of_100000_terms_does_not_stall_other_clients(mock_upstream, tmp_path):

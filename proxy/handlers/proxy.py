@@ -13,24 +13,26 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from aiohttp import web
 
 from ..auth import Caller
 from ..errors import GatewayError, UpstreamFailure
-from ..formats import AnswerContext, ParsedRequest, WireFormat
+from ..formats import AnswerContext, ParsedRequest, TextRef, WireFormat
 from ..forward import forward_stream, forward_whole, is_stream, open_upstream, read_whole
 from ..gateway import Gateway, Runtime
 from ..logs import log, log_request
+from ..moderation import ModerationResult
 from ..middleware import FORMAT_KEY, GATEWAY, REQUEST_ID_KEY, client_key, read_body
+from ..prompt_turns import Turns, in_a_turn
 from ..quotas import QuotaRejected, Settlement, limits_tokens
 from ..record import RequestRecord
 from ..upstream import Upstream, forwarded_response_headers
 from ..upstream_body import upstream_body
 
-T = TypeVar("T")
-# Above this many body bytes, counting and moderating the prompt move off the event loop.
+# Above this many body bytes, the prompt is parsed and moderated in turns (prompt_turns.py)
+# and counted in a thread; below it, on the loop in one go, which costs less.
 _LARGE_BODY_BYTES = 64 * 1024
 
 
@@ -46,17 +48,21 @@ def proxy_handler(fmt: WireFormat) -> Callable[[web.Request], Any]:
             caller = runtime.keyring.authenticate(client_key(request))
             record.team, record.key = caller.team_name, caller.key_id
             body = await read_body(request, runtime.settings.server.max_body_bytes)
-            parsed = await _off_loop_if_large(len(body), fmt.parse, body)
+            large = len(body) > _LARGE_BODY_BYTES
+            parsed = await in_a_turn(fmt.parse, body) if large else fmt.parse(body)
             record.model, record.stream = parsed.model, parsed.stream
             candidates = _authorize(runtime, caller, parsed.model, fmt)
             record.upstream = candidates[0].name
-            record.prompt_tokens = await _off_loop_if_large(len(body), fmt.prompt_tokens, parsed)
+            # tiktoken releases the GIL while it encodes: a large prompt is counted beside the loop.
+            record.prompt_tokens = await asyncio.to_thread(fmt.prompt_tokens, parsed) if large else fmt.prompt_tokens(parsed)
             requested = fmt.requested_tokens(parsed, runtime.settings.accounting.default_max_tokens)
             reservation = await gateway.quotas.reserve(caller, record.prompt_tokens, requested)
             settlement = Settlement(gateway.quotas, reservation, record.ledger_entry)
             extra_headers = reservation.headers() if reservation is not None else {}
-            prompt_changed = runtime.moderates("input") and await _off_loop_if_large(
-                len(body), _moderate_input, fmt, runtime, parsed, record
+            prompt_changed = runtime.moderates("input") and (
+                await _moderate_large_input(fmt, runtime, parsed, record)
+                if large
+                else _moderate_input(fmt, runtime, parsed, record)
             )
             cap = None
             fields: dict[str, Any] = {}
@@ -165,22 +171,32 @@ def _moderate_input(fmt: WireFormat, runtime: Runtime, parsed: ParsedRequest, re
     changed = False
     for ref in fmt.input_texts(parsed, input_rules=True):
         text = ref.get()
-        result = engine.moderate(text, "input")
-        record.add_actions(result.actions, "input")
-        if result.blocked is not None:
-            record.prompt_tokens = 0  # nothing went upstream
-            raise fmt.blocked_prompt(result.blocked.rule)
-        if result.text != text:
-            ref.set(result.text)
-            changed = True
+        changed |= _apply_input(fmt, record, ref, text, engine.moderate(text, "input"))
     return changed
 
 
-async def _off_loop_if_large(body_size: int, work: Callable[..., T], *args: Any) -> T:
-    """Run CPU-bound work on a large prompt in a thread, so it stalls no other client."""
-    if body_size > _LARGE_BODY_BYTES:
-        return await asyncio.to_thread(work, *args)
-    return work(*args)
+async def _moderate_large_input(fmt: WireFormat, runtime: Runtime, parsed: ParsedRequest, record: RequestRecord) -> bool:
+    """``_moderate_input`` in turns of bounded work, so no other client waits behind a big prompt."""
+    engine = runtime.moderation
+    assert engine is not None
+    changed = False
+    async with Turns() as turns:
+        for ref in await turns.run(fmt.input_texts, parsed, True):
+            text = ref.get()
+            changed |= _apply_input(fmt, record, ref, text, await turns.moderate(engine, text, "input"))
+    return changed
+
+
+def _apply_input(fmt: WireFormat, record: RequestRecord, ref: TextRef, text: str, result: ModerationResult) -> bool:
+    """Record a prompt text's moderation; raise on a block; write a change back. Returns whether it changed."""
+    record.add_actions(result.actions, "input")
+    if result.blocked is not None:
+        record.prompt_tokens = 0  # nothing went upstream
+        raise fmt.blocked_prompt(result.blocked.rule)
+    if result.text != text:
+        ref.set(result.text)
+        return True
+    return False
 
 
 def _record_request(gateway: Gateway, record: RequestRecord) -> None:
