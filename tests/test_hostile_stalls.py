@@ -10,12 +10,12 @@ clients meanwhile, though the compile still holds the GIL in turns.
 
 Big prompts were counted and moderated in threads, but moderation is pure
 Python holding the GIL, and the loop thread got it back only in turns:
-eight 4 MB prompts held /healthz for 3.3 s. Now a big prompt is parsed and
-moderated on the loop in short turns, one big prompt's turn per loop
-iteration (``proxy/prompt_turns.py``), and counted in a thread (tiktoken
-releases the GIL): /healthz waits about one turn. The moderation of a
-prompt in turns is the moderation of the whole prompt: a match across a
-turn's boundary is found as in one piece.
+eight 4 MB prompts held /healthz for 3.3 s. Now a big prompt is moderated
+on the loop in turns of about 1 ms, one big prompt's turn per loop
+iteration, and parsed and counted in one thread of its own (tiktoken
+releases the GIL): ``proxy/prompt_turns.py``. /healthz waits about one
+turn. The moderation of a prompt in slices is the moderation of the whole
+prompt: a match across a slice boundary is found as in one piece.
 """
 
 from __future__ import annotations
@@ -115,12 +115,12 @@ async def test_a_big_prompt_moderated_in_turns_is_moderated_like_a_small_one(tmp
         {"name": "banned", "type": "terms", "terms": ["forbidden phrase"], "action": "block"},
         {"name": "email", "type": "pii", "entity": "email", "action": "redact"},
     ]}
-    filler = "lorem ipsum dolor sit amet " * 40_000  # about a megabyte: dozens of turns
-    turn = prompt_turns.TURN_CHARS
-    # Each address starts 5 characters before a multiple of the turn size: it straddles two slices.
+    filler = "lorem ipsum dolor sit amet " * 40_000  # about a megabyte: hundreds of slices
+    size = prompt_turns.SLICE_CHARS
+    # Each address starts 5 characters before a multiple of the slice size: it straddles two slices.
     pieces, length = [], 0
     for k in range(1, 30):
-        start = k * turn - 5
+        start = k * size - 5
         address = f"user{k}@example.com "
         pieces += [filler[: start - length - 1] + " ", address]
         length = start + len(address)
@@ -136,7 +136,7 @@ async def test_a_big_prompt_moderated_in_turns_is_moderated_like_a_small_one(tmp
             assert "@example.com" not in sent and sent.count("[REDACTED:email]") == 29
             assert sent == re.sub(r"user\d+@example\.com", "[REDACTED:email]", redacted_prompt)
 
-            boundary = 20 * turn
+            boundary = 20 * size
             blocked = filler[: boundary - 7] + " forbidden phrase " + filler[boundary - 7 :]
             status, answer = await _post(session, gateway.url, _chat_bytes(blocked))
             assert status == 400 and answer["error"]["code"] == "content_filter", answer

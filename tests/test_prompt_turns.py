@@ -3,10 +3,11 @@
 ``sliced_moderation`` is checked against ``ModerationEngine.moderate`` with
 hypothesis over texts built to hold matches (blocks, redactions, flags,
 disguises) and every slice size, so a slice boundary inside a match changes
-nothing. ``Turns`` is checked on a real event loop: however many big
-prompts are moderated at once, a task that wakes on every loop iteration
-sees at most one turn's work between two of its wake-ups (two, as a turn may
-fall on each side of it), where without the lane it would see one per prompt.
+nothing. ``Turns`` is checked on a real event loop, with turns of no time
+(each slice or short text a turn of its own): however many big prompts are
+moderated at once, a task that wakes on every loop iteration sees at most
+one turn between two of its wake-ups (two, as a turn may fall on each side
+of it), where without the lane it would see one per prompt.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from hypothesis import strategies as st
 
 from proxy.config import ModerationConfig, RuleConfig
 from proxy.moderation import ModerationEngine, ModerationResult
-from proxy.prompt_turns import TEXT_OVERHEAD_CHARS, Turns, in_a_turn, sliced_moderation
+import threading
+
+from proxy.prompt_turns import Turns, in_the_prompt_thread, sliced_moderation
 
 
 def _engine(**rules: dict) -> ModerationEngine:
@@ -115,42 +118,67 @@ async def _worst_work_between_wakeups(engine: _CountingEngine, jobs) -> int:
     return worst
 
 
-async def _moderate(engine, texts_: list[str], turn_chars: int) -> list[ModerationResult]:
-    async with Turns(turn_chars) as turns:
+async def _moderate(engine, texts_: list[str], turn_seconds: float = 0.0) -> list[ModerationResult]:
+    async with Turns(turn_seconds, slice_chars=100) as turns:
         return [await turns.moderate(engine, text, "input") for text in texts_]
 
 
 async def test_many_big_prompts_at_once_run_one_turn_per_loop_iteration():
     engine = _CountingEngine(REDACT_AND_FLAG)
-    big = "the quick brown fox sent bob@x.io a12 " * 300
-    jobs = [_moderate(engine, [big, big], 1000) for _ in range(6)]
+    big = "the quick brown fox sent bob@x.io a12 " * 30
+    jobs = [_moderate(engine, [big, "short", big]) for _ in range(6)]
     assert await _worst_work_between_wakeups(engine, jobs) <= 2
 
 
-async def test_short_texts_share_a_turn_up_to_its_size():
+async def test_a_turn_lasts_its_time():
+    """With a turn of a minute, one prompt's slices all run in one turn: the probe never sees it yield."""
     engine = _CountingEngine(REDACT_AND_FLAG)
-    short = "hello there, bob@x.io"  # 21 characters, with the overhead 85 of a turn's 1000
-    per_turn = 1000 // (len(short) + TEXT_OVERHEAD_CHARS)
-    jobs = [_moderate(engine, [short] * 100, 1000) for _ in range(3)]
-    assert per_turn <= await _worst_work_between_wakeups(engine, jobs) <= 2 * per_turn
+    big = "the quick brown fox sent bob@x.io a12 " * 30  # 12 slices of 100
+    assert await _worst_work_between_wakeups(engine, [_moderate(engine, [big], 60.0)]) == 12
 
 
-async def test_turns_give_the_results_of_moderate_and_a_parse_is_a_turn_of_its_own():
-    big = "kill them all, mail bob@x.io " * 500
-    texts_ = [big, "ass", big[:999], "a12 and more"]
-    assert await _moderate(REDACT_AND_FLAG, texts_, 1000) == [REDACT_AND_FLAG.moderate(t, "input") for t in texts_]
-    blocked = await _moderate(WITH_BLOCKS, ["fine", big], 1000)
+async def test_turns_give_the_results_of_moderate():
+    big = "kill them all, mail bob@x.io " * 50
+    texts_ = [big, "ass", big[:99], big[:101], "a12 and more"]
+    assert await _moderate(REDACT_AND_FLAG, texts_) == [REDACT_AND_FLAG.moderate(t, "input") for t in texts_]
+    blocked = await _moderate(WITH_BLOCKS, ["fine", big])
     assert blocked[1] == WITH_BLOCKS.moderate(big, "input") and blocked[1].blocked is not None
-    assert await in_a_turn(sorted, [3, 1, 2]) == [1, 2, 3]
 
 
-async def test_the_lane_is_released_when_the_work_raises():
+async def test_the_lane_is_released_when_the_work_raises_or_is_cancelled():
     async def failing() -> None:
         async with Turns():
             raise ValueError("a block, say")
+
+    async def slow() -> None:
+        await _moderate(REDACT_AND_FLAG, ["the quick brown fox " * 500] * 50)
 
     for _ in range(2):  # the second would wait forever on a lane left held
         try:
             await asyncio.wait_for(failing(), 5)
         except ValueError:
             pass
+        task = asyncio.create_task(slow())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    assert await asyncio.wait_for(_moderate(REDACT_AND_FLAG, ["ass"]), 5) == [REDACT_AND_FLAG.moderate("ass", "input")]
+
+
+async def test_the_prompt_thread_is_one_thread_beside_the_loop():
+    loop_thread = threading.get_ident()
+    running = 0
+    most = 0
+
+    def work(value: int) -> tuple[int, int]:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        threading.Event().wait(0.005)
+        running -= 1
+        return value, threading.get_ident()
+
+    results = await asyncio.gather(*(in_the_prompt_thread(work, i) for i in range(6)))
+    assert [value for value, _ in results] == list(range(6))
+    assert len({thread for _, thread in results}) == 1 and results[0][1] != loop_thread
+    assert most == 1

@@ -23,17 +23,17 @@ from ..formats import AnswerContext, ParsedRequest, TextRef, WireFormat
 from ..forward import forward_stream, forward_whole, is_stream, open_upstream, read_whole
 from ..gateway import Gateway, Runtime
 from ..logs import log, log_request
-from ..moderation import ModerationResult
 from ..middleware import FORMAT_KEY, GATEWAY, REQUEST_ID_KEY, client_key, read_body
-from ..prompt_turns import Turns, in_a_turn
+from ..moderation import ModerationResult
+from ..prompt_turns import Turns, in_the_prompt_thread
 from ..quotas import QuotaRejected, Settlement, limits_tokens
 from ..record import RequestRecord
 from ..upstream import Upstream, forwarded_response_headers
 from ..upstream_body import upstream_body
 
-# Above this many body bytes, the prompt is parsed and moderated in turns (prompt_turns.py)
-# and counted in a thread; below it, on the loop in one go, which costs less.
-_LARGE_BODY_BYTES = 64 * 1024
+# Above this many body bytes, the prompt is parsed and counted in the prompt thread and
+# moderated in turns (prompt_turns.py); below it, on the loop in one go (at most a few ms).
+_LARGE_BODY_BYTES = 16 * 1024
 
 
 def proxy_handler(fmt: WireFormat) -> Callable[[web.Request], Any]:
@@ -49,12 +49,13 @@ def proxy_handler(fmt: WireFormat) -> Callable[[web.Request], Any]:
             record.team, record.key = caller.team_name, caller.key_id
             body = await read_body(request, runtime.settings.server.max_body_bytes)
             large = len(body) > _LARGE_BODY_BYTES
-            parsed = await in_a_turn(fmt.parse, body) if large else fmt.parse(body)
+            parsed = await in_the_prompt_thread(fmt.parse, body) if large else fmt.parse(body)
             record.model, record.stream = parsed.model, parsed.stream
             candidates = _authorize(runtime, caller, parsed.model, fmt)
             record.upstream = candidates[0].name
-            # tiktoken releases the GIL while it encodes: a large prompt is counted beside the loop.
-            record.prompt_tokens = await asyncio.to_thread(fmt.prompt_tokens, parsed) if large else fmt.prompt_tokens(parsed)
+            record.prompt_tokens = (
+                await in_the_prompt_thread(fmt.prompt_tokens, parsed) if large else fmt.prompt_tokens(parsed)
+            )
             requested = fmt.requested_tokens(parsed, runtime.settings.accounting.default_max_tokens)
             reservation = await gateway.quotas.reserve(caller, record.prompt_tokens, requested)
             settlement = Settlement(gateway.quotas, reservation, record.ledger_entry)
@@ -180,8 +181,9 @@ async def _moderate_large_input(fmt: WireFormat, runtime: Runtime, parsed: Parse
     engine = runtime.moderation
     assert engine is not None
     changed = False
+    refs = await in_the_prompt_thread(fmt.input_texts, parsed, True)
     async with Turns() as turns:
-        for ref in await turns.run(fmt.input_texts, parsed, True):
+        for ref in refs:
             text = ref.get()
             changed |= _apply_input(fmt, record, ref, text, await turns.moderate(engine, text, "input"))
     return changed
