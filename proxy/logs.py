@@ -12,6 +12,7 @@ import asyncio
 import atexit
 import json
 import logging
+import select
 import sys
 import time
 from collections.abc import Callable
@@ -23,14 +24,60 @@ from aiohttp.http_exceptions import HttpProcessingError
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
+# The most bytes the kernel writes to a pipe in one piece (POSIX guarantees 512; Linux has 4096).
+# Workers share the supervisor's stdout: a write of more than this to a pipe is not atomic, and
+# the lines of another worker can land inside it.
+PIPE_BUF = getattr(select, "PIPE_BUF", 4096)
+
+
+def line_bytes(line: str) -> int:
+    """``line``'s length written out in UTF-8 (stdout's encoding), plus its newline; cheap for the usual ASCII line.
+
+    A lone surrogate is counted as the three bytes ``surrogatepass`` makes of
+    it, no fewer than stdout's handlers write (``strict`` raises,
+    ``surrogateescape`` writes one), so the count never falls short of what
+    reaches the file.
+    """
+    return (len(line) if line.isascii() else len(line.encode("utf-8", "surrogatepass"))) + 1
+
+
+def cut_writes(lines: list[str], limit: int = PIPE_BUF) -> list[str]:
+    """``lines`` as the fewest writes of at most ``limit`` bytes each, cut only between lines.
+
+    Invariants: every write is whole lines, each ending in ``"\n"``, in order;
+    their concatenation is ``"\n".join(lines) + "\n"``; a write exceeds
+    ``limit`` bytes only when it is a single line longer than that on its
+    own, which no write can make atomic on a pipe (another process's line
+    may then land inside it). Greedy: a write takes lines until the next
+    would not fit, which for this packing is also the fewest writes.
+    """
+    writes: list[str] = []
+    start, size = 0, 0
+    for i, line in enumerate(lines):
+        n = line_bytes(line)
+        if size + n > limit and i > start:
+            writes.append("\n".join(lines[start:i]) + "\n")
+            start, size = i, 0
+        size += n
+    if start < len(lines):
+        writes.append("\n".join(lines[start:] if start else lines) + "\n")
+    return writes
+
+
 class LineBatcher:
-    """structlog's output: the lines logged in one event-loop turn go out in one write.
+    """structlog's output: the lines logged in one event-loop turn go out in as few writes as can be atomic.
 
     A busy gateway logs a line per request, and writing and flushing each one
     is a system call per request, which cost more CPU than rendering the line.
     Lines are written at the start of the loop's next turn, so each still
     reaches the file within moments of being logged. Where no loop runs (the
     command line, another thread, after shutdown) a line is written at once.
+
+    The workers of ``sluice serve --workers N`` all write to the stdout they
+    inherited, usually one pipe: each write is at most ``PIPE_BUF`` bytes and
+    cut at a line's end (``cut_writes``), so the kernel never puts another
+    worker's line inside one of this worker's. A single line longer than
+    ``PIPE_BUF`` goes out in a write of its own and cannot be atomic.
     """
 
     def __init__(self, file: TextIO):
@@ -55,9 +102,11 @@ class LineBatcher:
         self._flush_scheduled = False
         if self._lines:
             lines, self._lines = self._lines, []
-            self._write("\n".join(lines) + "\n")
+            for text in cut_writes(lines):
+                self._write(text)
 
     def _write(self, text: str) -> None:
+        # Flushed at once, so each piece is one write of its own (the buffer holds nothing else).
         self._file.write(text)
         self._file.flush()
 
@@ -130,7 +179,9 @@ def configure_logging(level: str = "info", fmt: str = "json", stream: TextIO | N
 
 
 @atexit.register
-def _flush_at_exit() -> None:
+def flush() -> None:
+    """Write every line logged and not yet written: at exit, and by a forked worker before ``os._exit``,
+    which runs no exit hooks."""
     if _output is not None:
         _output.flush()
 

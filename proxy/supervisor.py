@@ -324,7 +324,7 @@ class Supervisor:
         except BaseException:
             traceback.print_exc()
         finally:
-            logs._flush_at_exit()  # what the worker logged last, as its exit would
+            logs.flush()  # what the worker logged last, as its exit would
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
