@@ -30,17 +30,20 @@ class GatewayProcess:
         self.path = path
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: asyncio.subprocess.Process | None = None
+        # A file, not a pipe: a pipe nobody reads fills at 64 KB and then blocks the gateway's every log write.
+        self.stderr_path = path.with_suffix(".stderr")
 
     async def __aenter__(self) -> "GatewayProcess":
-        self.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "serve", "--config", str(self.path),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE, cwd=ROOT,
-            env={**os.environ, "SLUICE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
-            preexec_fn=self._limit_open_files if self.open_files_soft_limit else None,
-        )
+        with open(self.stderr_path, "wb") as stderr:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy", "serve", "--config", str(self.path),
+                stdout=asyncio.subprocess.DEVNULL, stderr=stderr, cwd=ROOT,
+                env={**os.environ, "SLUICE_TEST_UPSTREAM_KEY": UPSTREAM_KEY},
+                preexec_fn=self._limit_open_files if self.open_files_soft_limit else None,
+            )
         async with aiohttp.ClientSession() as session:
             for _ in range(400):
-                assert self.process.returncode is None, (await self.process.stderr.read()).decode()
+                assert self.process.returncode is None, self.stderr()
                 try:
                     async with session.get(self.url + "/readyz") as resp:
                         if resp.status == 200:
@@ -49,6 +52,10 @@ class GatewayProcess:
                     pass
                 await asyncio.sleep(0.05)
         raise AssertionError("the gateway did not become ready")
+
+    def stderr(self) -> str:
+        """What the gateway has written to its stderr so far."""
+        return self.stderr_path.read_text(errors="replace")
 
     def _limit_open_files(self) -> None:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

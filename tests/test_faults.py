@@ -744,7 +744,7 @@ async def test_sigterm_under_200_live_streams(mock_upstream, tmp_path):
             chunks, ending = parse_stream((first + rest).decode())
             assert ending == "done" and text_of(chunks) == words
         code = await asyncio.wait_for(gateway.process.wait(), 30)
-        stderr = (await gateway.process.stderr.read()).decode()
+        stderr = gateway.stderr()
     assert code == 0, stderr
     assert "Traceback" not in stderr, stderr
     store = await open_store(AccountingConfig(store="sqlite", sqlite_path=str(db)), read_only=True)

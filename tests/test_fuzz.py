@@ -451,7 +451,7 @@ async def test_a_malformed_request_leaves_no_traceback_in_the_gateway_log(tmp_pa
             raw = await loop.run_in_executor(None, raw_exchange, gateway.port, data)
             assert split_response(raw)[0] == 400
         assert await gateway.stop() == 0
-        stderr = (await gateway.process.stderr.read()).decode()
+        stderr = gateway.stderr()
     assert "Traceback" not in stderr, stderr
 
 

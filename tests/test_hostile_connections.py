@@ -143,7 +143,7 @@ async def test_past_the_connection_cap_new_connections_are_refused_at_once(mock_
         pid = gateway.process.pid
         idle = await _open(gateway.port, 1000, b"")
         await asyncio.sleep(0.5)
-        assert fd_count(pid) < limit
+        assert fd_count(pid) < limit, gateway.stderr()[-3000:]
         # A new client, now: answered at once (503, in OpenAI's shape), not left hanging.
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             started = time.monotonic()
