@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .config import Settings
-from .connections import ConnectionLimits, GuardedRunner, raise_open_file_limit
+from .connections import ACCEPT_BURST, ConnectionLimits, GuardedRunner, raise_open_file_limit
 from .formats import FORMATS
 from .gateway import Gateway
 from .handlers.admin import admin_reload, admin_usage
@@ -131,14 +131,33 @@ LISTEN_BACKLOG = 4096
 
 async def _listen(runner: GuardedRunner, host: str, port: int, sockets: Sequence[socket.socket] = ()) -> int:
     """Listen on ``host:port``, or on bound ``sockets`` when given; returns the port."""
+    # asyncio takes its ``backlog`` argument as the most connections it accepts in
+    # one loop pass, and those beyond the cap are refused only after the pass: with
+    # 4,096 a burst takes every descriptor first, accept() fails with EMFILE and
+    # asyncio stops accepting for a second, so even the refusals come late. So
+    # the listener starts with a small burst and is then re-listened with the
+    # full queue (connection_cap keeps ACCEPT_BURST descriptors spare).
     if sockets:
         for sock in sockets:
-            await web.SockSite(runner, sock, backlog=LISTEN_BACKLOG).start()
+            await web.SockSite(runner, sock, backlog=ACCEPT_BURST).start()
+            sock.listen(LISTEN_BACKLOG)
         return sockets[0].getsockname()[1]
-    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=LISTEN_BACKLOG)
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=ACCEPT_BURST)
     await site.start()
-    server = site._server
-    return server.sockets[0].getsockname()[1] if port == 0 and server else port  # type: ignore[union-attr]
+    server = site._server  # noqa: SLF001
+    assert server is not None
+    for listener in server.sockets:  # type: ignore[union-attr]
+        _relisten(listener.fileno())
+    return server.sockets[0].getsockname()[1] if port == 0 else port  # type: ignore[union-attr]
+
+
+def _relisten(fd: int) -> None:
+    """``listen(LISTEN_BACKLOG)`` on a socket asyncio owns (its TransportSocket has no ``listen``)."""
+    sock = socket.socket(fileno=fd)
+    try:
+        sock.listen(LISTEN_BACKLOG)
+    finally:
+        sock.detach()  # the descriptor stays asyncio's
 
 
 async def serve(

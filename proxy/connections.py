@@ -52,8 +52,12 @@ from .errors import error_body
 from .logs import log
 from .middleware import SERVER_NAME
 
-# Descriptors kept free for what is not a client connection: listeners, the store, logs, encodings.
-_SPARE_FILES = 64
+# The most connections asyncio accepts in one loop pass (app._listen); each holds
+# a descriptor until the cap refuses it.
+ACCEPT_BURST = 32
+# Descriptors kept free for what is not a client connection: listeners, the store,
+# logs, encodings, and one accept burst.
+_SPARE_FILES = 64 + ACCEPT_BURST
 # Refusals are logged at most this often: an attack must not become a flood of log lines.
 _REFUSAL_LOG_SECONDS = 10.0
 
